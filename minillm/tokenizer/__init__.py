@@ -13,13 +13,15 @@ The modules, in reading order:
     bpe.py          BPE on one chunk, as pure functions
     train.py        learning the merges: chunk counts, pair index, lazy heap
     core.py         the Tokenizer: encode (chunk cache, special tokens), decode, streaming decode
-    formats.py      our file format; GPT-2, tiktoken and Hugging Face files; a vocabulary dump
+    bpe_file.py     our own file format, tokenizer.bpe
+    formats.py      GPT-2, tiktoken and Hugging Face files; a vocabulary dump
     parallel.py     worker processes for training and batch encoding
     __main__.py     the command line: python -m minillm.tokenizer train|encode|decode|stats|vocab|export
 """
 
 from minillm.tokenizer.core import EOT, TOKENIZER_FILE, IncrementalDecoder, Tokenizer
-from minillm.tokenizer.formats import TokenizerFileError, open_tokenizer
+from minillm.tokenizer.bpe_file import TokenizerFileError
+from minillm.tokenizer.formats import open_tokenizer
 from minillm.tokenizer.pretokenize import CL100K_PATTERN, GPT2_PATTERN, PATTERNS
 
 __all__ = [

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from minillm.cli import format_config, parse_args
 from minillm.tokenizer.bpe import render
 from minillm.tokenizer.core import EOT, Tokenizer
-from minillm.tokenizer.formats import TokenizerFileError, open_tokenizer, save_tiktoken
+from minillm.tokenizer.bpe_file import TokenizerFileError
+from minillm.tokenizer.formats import open_tokenizer, save_tiktoken
 from minillm.tokenizer.pretokenize import Splitter
 
 
@@ -126,14 +126,12 @@ def stats(config: StatsConfig) -> None:
     for name in config.files:
         text = Path(name).read_text(encoding="utf-8")
         size = len(text.encode("utf-8"))
-        start = time.perf_counter()
         n = len(tokenizer.encode_ordinary(text))
-        speed = size / max(time.perf_counter() - start, 1e-9) / 1e6
         line = f"{Path(name).name:<32} {size:>12,} {n:>11,} {size / max(n, 1):>12.2f}"
         if reference:
             m = len(reference.encode_ordinary(text))
             line += f" {m:>13,} {size / max(m, 1):>10.2f}"
-        print(line + f"   ({speed:.1f} MB/s)")
+        print(line)
 
 
 def vocab(config: VocabConfig) -> None:

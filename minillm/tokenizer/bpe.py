@@ -23,6 +23,7 @@ Same results again (tested), about 4x faster on such batches.
 from __future__ import annotations
 
 import heapq
+from itertools import chain
 from typing import NamedTuple
 
 import numpy as np
@@ -93,27 +94,55 @@ def encode_long_chunk(ids: list[int], ranks: dict[tuple[int, int], int], results
 
 
 class PairTable(NamedTuple):
-    """The merges as sorted numpy arrays, for `encode_chunks_batch`."""
+    """The merges as a numpy hash table (open addressing, linear probing), for `encode_chunks_batch`:
+    a vectorised lookup of a million pairs costs about one random memory access each."""
 
-    keys: np.ndarray  # (left << 32 | right), sorted, int64
-    ranks: np.ndarray  # the rank of each key's merge
-    results: np.ndarray  # rank -> the id that merge makes
+    keys: np.ndarray  # slot -> (left << 32 | right) of the merge stored there, or EMPTY
+    ranks: np.ndarray  # slot -> that merge's rank
+    results: np.ndarray  # rank -> the id the merge makes
     byte_ids: np.ndarray  # byte value -> id
 
     @classmethod
     def build(cls, ranks: dict[tuple[int, int], int], results: list[int], byte_ids) -> "PairTable":
-        keys = np.fromiter(((a << 32) | b for a, b in ranks), dtype=np.int64, count=len(ranks))
+        pairs = np.fromiter(chain.from_iterable(ranks), dtype=np.int64, count=2 * len(ranks)).reshape(-1, 2)
+        keys = (pairs[:, 0] << 32) | pairs[:, 1]
         values = np.fromiter(ranks.values(), dtype=np.int64, count=len(ranks))
-        order = np.argsort(keys)
-        return cls(keys[order], values[order], np.array(results, dtype=np.int64), np.array(byte_ids, dtype=np.int64))
+        size = 1 << max(4, (2 * len(keys)).bit_length())  # at most half full: short probe runs
+        table_keys = np.full(size, EMPTY, dtype=np.int64)
+        table_ranks = np.zeros(size, dtype=np.int64)
+        todo, slot = np.arange(len(keys)), _hash(keys, size)
+        while len(todo):  # each round, every free slot takes the first key that wants it
+            free = table_keys[slot] == EMPTY
+            taken, first = np.unique(slot[free], return_index=True)
+            winners = todo[free][first]
+            table_keys[taken], table_ranks[taken] = keys[winners], values[winners]
+            placed = np.zeros(len(keys), dtype=bool)
+            placed[winners] = True
+            left = ~placed[todo]
+            todo, slot = todo[left], (slot[left] + 1) & (size - 1)  # the rest try the next slot
+        return cls(table_keys, table_ranks, np.array(results, dtype=np.int64), np.array(byte_ids, dtype=np.int64))
 
     def lookup(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
         """The merge rank of each pair (left[i], right[i]), NO_MERGE where there is none."""
         key = (left << 32) | right
-        if len(self.keys) == 0:
-            return np.full(len(key), NO_MERGE, dtype=np.int64)
-        i = np.minimum(np.searchsorted(self.keys, key), len(self.keys) - 1)
-        return np.where(self.keys[i] == key, self.ranks[i], NO_MERGE)
+        out = np.full(len(key), NO_MERGE, dtype=np.int64)
+        todo, slot = np.arange(len(key)), _hash(key, len(self.keys))
+        while len(todo):
+            found = self.keys[slot]
+            hit = found == key[todo]
+            out[todo[hit]] = self.ranks[slot[hit]]
+            go_on = ~hit & (found != EMPTY)  # a different key sits here: probe the next slot
+            todo, slot = todo[go_on], (slot[go_on] + 1) & (len(self.keys) - 1)
+        return out
+
+
+EMPTY = -1
+
+
+def _hash(keys: np.ndarray, size: int) -> np.ndarray:
+    """Fibonacci hashing: multiply by 2^64 / golden ratio (wrapping), keep the top log2(size) bits."""
+    product = keys.view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    return (product >> np.uint64(64 - size.bit_length() + 1)).astype(np.int64)
 
 
 def encode_chunks_batch(chunks: list[bytes], table: PairTable) -> list[list[int]]:

@@ -7,8 +7,11 @@ tokenizer may put special tokens first), and every token's bytes are distinct.
 
 Encoding is split (pretokenize.py), then BPE per chunk (bpe.py). Text repeats its words, so each
 distinct chunk is encoded once and kept in a cache; a hit costs one dict lookup, run from C through
-`map(cache.__getitem__, chunks)` with `dict.__missing__` doing the BPE on a miss. The cache is
-cleared when it holds CACHE_LIMIT chunks, which bounds its memory (about 30 MB).
+`map(cache.__getitem__, chunks)`, with `dict.__missing__` handling a miss. A short text encodes a
+new chunk on the spot. A long one (or a batch) first notes all its new chunks, then encodes them
+together with numpy (bpe.encode_chunks_batch), which is what makes a first pass over a corpus fast.
+The cache is cleared when it holds CACHE_LIMIT chunks, which bounds its memory (about 30 MB).
+Tokenizers can be shared between threads: the cache only ever holds finished entries.
 
 Special tokens follow tiktoken: `encode(text)` raises ValueError if text contains a special token's
 string, because text from users must never turn into a control token by accident (a document that
@@ -38,12 +41,13 @@ TOKENIZER_FILE = "tokenizer.bpe"  # its name inside checkpoint folders and prepa
 EOT = "<|endoftext|>"
 CACHE_LIMIT = 1 << 17  # distinct chunks kept before the cache is cleared
 PARALLEL_MIN_CHARS = 1 << 20  # encode_batch(num_workers=None) stays in-process below this much text
-BATCH_MIN_CHUNKS = 4096  # texts with this many chunks first look for many new ones to encode at once
-BATCH_MAX_BYTES = 64  # longer new chunks are left to the one-at-a-time path
+DEFER_MIN_CHUNKS = 512  # from this many chunks on, new chunks are collected and encoded together
+BATCH_MIN_NEW = 64  # ... with numpy when there are at least this many of them
+BATCH_MAX_BYTES = 64  # longer new chunks are encoded one at a time
 
 
 class _ChunkCache(dict):
-    """chunk text -> its token ids; a missing chunk is encoded by BPE and remembered."""
+    """chunk text -> its token ids, shared by all calls; a missing chunk is encoded on the spot."""
 
     def __init__(self, byte_ids, ranks, results):
         super().__init__()
@@ -51,12 +55,33 @@ class _ChunkCache(dict):
         # bytes.translate maps bytes to ids in C when every byte id fits in a byte (GPT-2, tiktoken, ours)
         self.byte_table = bytes(byte_ids) if max(byte_ids) < 256 else None
 
-    def __missing__(self, chunk: str) -> tuple[int, ...]:
-        data = chunk.encode("utf-8")
+    def encode(self, data: bytes) -> list[int]:
         ids = list(data.translate(self.byte_table)) if self.byte_table else [self.byte_ids[b] for b in data]
-        ids = tuple(encode_chunk(ids, self.ranks, self.results))
+        return encode_chunk(ids, self.ranks, self.results)
+
+    def __missing__(self, chunk: str) -> list[int]:
+        ids = self.encode(chunk.encode("utf-8"))
         if len(self) >= CACHE_LIMIT:
             self.clear()
+        self[chunk] = ids
+        return ids
+
+
+class _NewChunks(dict):
+    """One call's view of the cache: a chunk the cache lacks gets an empty list, to be filled in
+    once all of the call's new chunks are known (they are then encoded together). Only this call
+    sees the unfilled lists, so the shared cache stays correct for other threads."""
+
+    def __init__(self, cache: _ChunkCache):
+        super().__init__()
+        self.cache = cache
+        self.new: list[tuple[str, list[int]]] = []
+
+    def __missing__(self, chunk: str) -> list[int]:
+        ids = self.cache.get(chunk)
+        if ids is None:
+            ids = []
+            self.new.append((chunk, ids))
         self[chunk] = ids
         return ids
 
@@ -112,7 +137,7 @@ class Tokenizer:
         self._ranks = {(a, b): rank for rank, (a, b, _) in enumerate(self.merges)}
         self._results = [new for _, _, new in self.merges]
         self._cache = _ChunkCache(self.byte_ids, self._ranks, self._results)
-        self._pair_table: PairTable | None = None  # built on first use by _prefill_cache
+        self._pair_table: PairTable | None = None  # built on first use by _encode_new
         specials = sorted(self.special_tokens, key=len, reverse=True)  # longest first: "<|a|>b" before "<|a|>"
         self._special_cut = regex.compile("|".join(map(regex.escape, specials))) if specials else None
 
@@ -156,13 +181,13 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path) -> "Tokenizer":
-        """Read our own format (formats.py); a damaged file or unknown version raises TokenizerFileError."""
-        from minillm.tokenizer.formats import load_bpe
+        """Read our own format (bpe_file.py); a damaged file or unknown version raises TokenizerFileError."""
+        from minillm.tokenizer.bpe_file import load_bpe
 
         return load_bpe(path)
 
     def save(self, path) -> None:
-        from minillm.tokenizer.formats import save_bpe
+        from minillm.tokenizer.bpe_file import save_bpe
 
         save_bpe(self, path)
 
@@ -237,26 +262,40 @@ class Tokenizer:
             raise TypeError(f"encode expects a str, got {type(text).__name__} (use encode_bytes for bytes)")
         chunks = self._splitter.split(text)
         try:
-            if len(chunks) >= BATCH_MIN_CHUNKS:
-                self._prefill_cache(chunks)
-            return list(chain.from_iterable(map(self._cache.__getitem__, chunks)))
+            if len(chunks) < DEFER_MIN_CHUNKS:
+                return list(chain.from_iterable(map(self._cache.__getitem__, chunks)))
+            return self._encode_chunk_lists([chunks])[0]
         except UnicodeEncodeError:  # lone surrogates; rare, so handled here rather than checked for
             return self.encode_ordinary(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
 
-    def _prefill_cache(self, chunks: list[str]) -> None:
-        """Encode the chunks the cache lacks in one numpy batch, if a sample says there are many."""
-        cache, step = self._cache, 13  # a prime step: no aliasing with short periodic text
-        if len(set(chunks[::step]).difference(cache)) < 16:  # cheap: 1/13 of the lookups
-            return
-        new = [chunk for chunk in set(chunks).difference(cache) if len(chunk) <= BATCH_MAX_BYTES]
-        data = [chunk.encode("utf-8") for chunk in new]
-        keep = [i for i, d in enumerate(data) if len(d) <= BATCH_MAX_BYTES]
-        if self._pair_table is None:
-            self._pair_table = PairTable.build(self._ranks, self._results, self.byte_ids)
-        encoded = encode_chunks_batch([data[i] for i in keep], self._pair_table)
-        if len(cache) + len(keep) > CACHE_LIMIT:
+    def _encode_chunk_lists(self, chunk_lists: list[list[str]]) -> list[list[int]]:
+        """The ids of each list of chunks. A pass through a per-call view of the cache (the lookups
+        run in C, via map) leaves an empty list for each chunk the cache lacks and notes it; if
+        there were any, they are encoded together and the pass runs again, now all hits."""
+        view = _NewChunks(self._cache)
+        get = view.__getitem__
+        encoded = [list(chain.from_iterable(map(get, chunks))) for chunks in chunk_lists]
+        if view.new:
+            self._encode_new(view.new)
+            encoded = [list(chain.from_iterable(map(get, chunks))) for chunks in chunk_lists]
+        return encoded
+
+    def _encode_new(self, new: list[tuple[str, list[int]]]) -> None:
+        """Fill in the ids of new chunks (numpy for many short ones), then add them to the cache."""
+        data = [chunk.encode("utf-8") for chunk, _ in new]
+        batch = [i for i, d in enumerate(data) if len(d) <= BATCH_MAX_BYTES] if len(new) >= BATCH_MIN_NEW else []
+        if batch:
+            if self._pair_table is None:
+                self._pair_table = PairTable.build(self._ranks, self._results, self.byte_ids)
+            for i, ids in zip(batch, encode_chunks_batch([data[i] for i in batch], self._pair_table)):
+                new[i][1].extend(ids)
+        for (_, ids), d in zip(new, data):
+            if not ids:  # not batched (chunks are never empty, so an empty list is still unfilled)
+                ids.extend(self._cache.encode(d))
+        cache = self._cache
+        if len(cache) + len(new) > CACHE_LIMIT:
             cache.clear()
-        cache.update(zip([new[i] for i in keep], map(tuple, encoded)))
+        cache.update(new)
 
     def encode_bytes(self, data: bytes) -> list[int]:
         """Any bytes -> ids; invalid UTF-8 is split like punctuation and encoded byte-exactly."""
@@ -270,8 +309,7 @@ class Tokenizer:
             try:
                 ids += self._cache[chunk]
             except UnicodeEncodeError:  # holds escaped raw bytes: encode it without the cache
-                raw = chunk.encode("utf-8", "surrogateescape")
-                ids += encode_chunk([self.byte_ids[b] for b in raw], self._ranks, self._results)
+                ids += self._cache.encode(chunk.encode("utf-8", "surrogateescape"))
         return ids
 
     def encode_batch(self, texts: list[str], *, num_workers: int | None = None) -> list[list[int]]:
@@ -284,8 +322,15 @@ class Tokenizer:
         workers = min(parallel.resolve_workers(num_workers), len(texts))
         small = num_workers is None and sum(map(len, texts)) < PARALLEL_MIN_CHARS
         if workers <= 1 or small:
-            return [self.encode_ordinary(text) for text in texts]
+            return self._encode_many(texts)
         return parallel.encode_in_processes(self, texts, workers)
+
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        """`encode_ordinary` of each text, the new chunks of all of them encoded together."""
+        try:
+            return self._encode_chunk_lists([self._splitter.split(text) for text in texts])
+        except UnicodeEncodeError:  # a text with lone surrogates: let encode_ordinary handle each
+            return [self.encode_ordinary(text) for text in texts]
 
     # ----- decoding -------------------------------------------------------------------------------
 

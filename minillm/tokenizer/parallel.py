@@ -60,7 +60,7 @@ def encode_in_processes(tokenizer, texts: list[str], workers: int) -> list[list[
             child.start()
             sender.close()
             children.append((child, receiver))
-        results = [[tokenizer.encode_ordinary(text) for text in groups[0]]]
+        results = [tokenizer._encode_many(groups[0])]
         for child, receiver in children:
             try:
                 status, payload, lengths = receiver.recv()
@@ -97,8 +97,7 @@ def _encode_worker(tokenizer, texts: list[str], sender) -> None:
     try:
         ids = array.array("I")
         lengths = []
-        for text in texts:
-            encoded = tokenizer.encode_ordinary(text)
+        for encoded in tokenizer._encode_many(texts):
             ids.extend(encoded)
             lengths.append(len(encoded))
         sender.send(("ok", ids, lengths))
