@@ -236,6 +236,28 @@ def test_encode_batch_in_processes(trained):
         trained.encode_batch(["a"], num_workers=0)
 
 
+def test_a_failing_worker_process_is_reported(trained, monkeypatch):
+    import os
+
+    parent = os.getpid()
+    original = Tokenizer._encode_many
+
+    def fail_in_child(self, texts):
+        if os.getpid() != parent:
+            raise RuntimeError("boom in the child")
+        return original(self, texts)
+
+    monkeypatch.setattr(Tokenizer, "_encode_many", fail_in_child)
+    with pytest.raises(RuntimeError, match="(?s)worker process .* failed.*boom in the child"):
+        trained.encode_batch(["some text"] * 4, num_workers=2)
+
+
+def test_training_reports_progress(capsys):
+    Tokenizer.train(SAMPLE * 20, 300, verbose=True)
+    err = capsys.readouterr().err
+    assert "pre-split |" in err and "merges | 43/43 merges (100%)" in err and "trained Tokenizer(vocab_size=300" in err
+
+
 def test_constructor_rejects_inconsistent_vocabularies():
     with pytest.raises(ValueError, match="256 bytes"):
         Tokenizer("gpt2", range(255), [])
@@ -243,7 +265,7 @@ def test_constructor_rejects_inconsistent_vocabularies():
         Tokenizer("gpt2", range(256), [(300, 1, 256)])
     with pytest.raises(ValueError, match="already"):
         Tokenizer("gpt2", range(256), [(1, 2, 256)], {"<|x|>": 256})
-    with pytest.raises(ValueError, match="both"):
+    with pytest.raises(ValueError, match="already token 256"):
         Tokenizer("gpt2", range(256), [(97, 98, 256), (97, 98, 257)])
     with pytest.raises(ValueError, match="vocab_size"):
         Tokenizer.train("abc", 256, special_tokens=(EOT,))

@@ -36,6 +36,7 @@ import regex
 from minillm.tokenizer import parallel
 from minillm.tokenizer.bpe import PairTable, encode_chunk, encode_chunks_batch, render
 from minillm.tokenizer.pretokenize import PATTERNS, Splitter
+from minillm.tokenizer.train import count_chunks, train_bpe
 
 TOKENIZER_FILE = "tokenizer.bpe"  # its name inside checkpoint folders and prepare.py outputs
 EOT = "<|endoftext|>"
@@ -106,13 +107,18 @@ class Tokenizer:
         if len(self.byte_ids) != 256:
             raise ValueError(f"byte_ids must give an id for each of the 256 bytes, got {len(self.byte_ids)}")
         vocab: dict[int, bytes] = {}
+        owner: dict[bytes, int] = {}  # the bytes of each ordinary token -> its id
 
-        def define(token_id: int, data: bytes, what: str) -> None:
+        def define(token_id: int, data: bytes, what: str, ordinary: bool = True) -> None:
             if token_id < 0:
                 raise ValueError(f"{what}: token id {token_id} is negative")
             if token_id in vocab:
                 raise ValueError(f"{what}: token id {token_id} is already {render(vocab[token_id])}")
+            if ordinary and data in owner:
+                raise ValueError(f"{what}: its bytes {render(data)} are already token {owner[data]}; every token needs its own bytes")
             vocab[token_id] = data
+            if ordinary:
+                owner[data] = token_id
 
         for byte, token_id in enumerate(self.byte_ids):
             define(token_id, bytes([byte]), f"byte {byte:#04x}")
@@ -121,17 +127,11 @@ class Tokenizer:
                 missing = a if a not in vocab else b
                 raise ValueError(f"merge {rank} ({a} + {b} -> {new}) uses token {missing}, which no earlier byte or merge made")
             define(new, vocab[a] + vocab[b], f"merge {rank} ({a} + {b} -> {new})")
-        for token, token_id in self.special_tokens.items():
+        for token, token_id in list(self.special_tokens.items()):
             if not isinstance(token, str) or not token:
                 raise ValueError(f"special tokens must be non-empty strings, got {token!r}")
-            define(int(token_id), token.encode("utf-8"), f"special token {token!r}")
-        ordinary = [data for i, data in vocab.items() if i not in self.special_tokens.values()]
-        if len(set(ordinary)) != len(ordinary):
-            seen: dict[bytes, int] = {}
-            for i, data in vocab.items():
-                if data in seen and i not in self.special_tokens.values():
-                    raise ValueError(f"tokens {seen[data]} and {i} are both {render(data)}: every token needs its own bytes")
-                seen[data] = i
+            self.special_tokens[token] = int(token_id)
+            define(int(token_id), token.encode("utf-8"), f"special token {token!r}", ordinary=False)
         self.vocab_size = max(vocab) + 1
         self._vocab: list[bytes | None] = [vocab.get(i) for i in range(self.vocab_size)]
         self._ranks = {(a, b): rank for rank, (a, b, _) in enumerate(self.merges)}
@@ -156,9 +156,9 @@ class Tokenizer:
     ) -> "Tokenizer":
         """Learn a vocabulary of `vocab_size` ids (256 bytes + merges + special tokens) from `texts`:
         one string, or an iterable of documents (streamed, never held all at once)."""
-        from minillm.tokenizer.train import count_chunks, train_bpe
-
         specials = list(dict.fromkeys(special_tokens))
+        if not all(isinstance(token, str) and token for token in specials):
+            raise ValueError(f"special tokens must be non-empty strings, got {specials!r}")
         if not isinstance(vocab_size, int) or vocab_size < 256 + len(specials):
             raise ValueError(f"vocab_size must be an integer of at least 256 + {len(specials)} special tokens, got {vocab_size!r}")
         start = time.perf_counter()
@@ -178,6 +178,8 @@ class Tokenizer:
                 file=sys.stderr,
             )
         return tokenizer
+
+    # The file modules build Tokenizers, so they import this module; it imports them when called.
 
     @classmethod
     def load(cls, path) -> "Tokenizer":

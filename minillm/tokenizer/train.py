@@ -42,8 +42,8 @@ from minillm.tokenizer.bpe import merge_pair
 from minillm.tokenizer.parallel import process_pool, resolve_workers
 from minillm.tokenizer.pretokenize import Splitter
 
-PIECE_CHARS = 1 << 20  # a long text is cut into pieces of about 1M characters for the workers
-BATCH_CHARS = 4 << 20  # each task sent to a worker holds about this much text
+PIECE_CHARS = 1 << 18  # a long text is cut into pieces of about 256k characters for the workers
+BATCH_CHARS = 1 << 20  # each task sent to a worker holds about this much text
 
 
 def count_chunks(
