@@ -272,15 +272,13 @@ class Tokenizer:
 
     def _encode_chunk_lists(self, chunk_lists: list[list[str]]) -> list[list[int]]:
         """The ids of each list of chunks. A pass through a per-call view of the cache (the lookups
-        run in C, via map) leaves an empty list for each chunk the cache lacks and notes it; if
-        there were any, they are encoded together and the pass runs again, now all hits."""
+        run in C, via map) collects each chunk's list of ids, an empty one for each chunk the cache
+        lacks; those are then encoded together and their lists filled in place before flattening."""
         view = _NewChunks(self._cache)
-        get = view.__getitem__
-        encoded = [list(chain.from_iterable(map(get, chunks))) for chunks in chunk_lists]
+        looked_up = [list(map(view.__getitem__, chunks)) for chunks in chunk_lists]
         if view.new:
             self._encode_new(view.new)
-            encoded = [list(chain.from_iterable(map(get, chunks))) for chunks in chunk_lists]
-        return encoded
+        return [list(chain.from_iterable(parts)) for parts in looked_up]
 
     def _encode_new(self, new: list[tuple[str, list[int]]]) -> None:
         """Fill in the ids of new chunks (numpy for many short ones), then add them to the cache."""
