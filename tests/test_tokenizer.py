@@ -155,6 +155,17 @@ def test_batch_path_is_used_for_big_new_texts(trained):
     assert ids == [i for chunk in regex.findall(PATTERNS["gpt2"], text) for i in trained.encode(chunk)]
 
 
+def test_threads_can_share_a_tokenizer(trained):
+    """Each call collects its new chunks privately; the shared cache only ever gets finished entries."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [" ".join(f"w{i * k}x{k}" for i in range(800)) + SAMPLE for k in range(1, 9)]
+    expected = [trained.encode(t) for t in texts]
+    fresh = Tokenizer(trained.pattern, trained.byte_ids, trained.merges, trained.special_tokens)
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(fresh.encode, texts * 3)) == expected * 3
+
+
 def test_special_tokens_are_refused_unless_allowed(trained):
     text = f"hello {EOT} world <|pad|>"
     with pytest.raises(ValueError, match=r"special token '<\|endoftext\|>' at character 6"):

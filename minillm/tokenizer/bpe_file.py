@@ -96,7 +96,9 @@ def load_bpe(path) -> Tokenizer:
     if magic != MAGIC:
         raise TokenizerFileError(f"{path}:1: not a minillm tokenizer file (expected '{MAGIC} {VERSION}', found {header[:40]!r})")
     if version.strip() != str(VERSION):
-        raise TokenizerFileError(f"{path}:1: tokenizer format version {version.strip()!r} is not supported (this minillm reads version {VERSION})")
+        raise TokenizerFileError(
+            f"{path}:1: tokenizer format version {version.strip()!r} is not supported (this minillm reads version {VERSION})"
+        )
     pos = 1
     pattern = json_string(record("pattern"), "the pattern")
     vocab_size = integer(record("vocab_size"), "vocab_size")

@@ -376,18 +376,25 @@ class Tokenizer:
         if allowed_special == "none":
             return set()
         if isinstance(allowed_special, str):
-            raise ValueError(f"allowed_special must be 'none', 'all' or a set of strings, got the string {allowed_special!r} (write {{{allowed_special!r}}})")
+            raise ValueError(
+                f"allowed_special must be 'none', 'all' or a set of strings, got the string {allowed_special!r} "
+                f"(write {{{allowed_special!r}}})"
+            )
         allowed = set(allowed_special)
         unknown = allowed - set(self.special_tokens)
         if unknown:
-            raise ValueError(f"allowed_special names {sorted(unknown)}, which are not special tokens here ({sorted(self.special_tokens)})")
+            raise ValueError(
+                f"allowed_special names {sorted(unknown)}, which are not special tokens here ({sorted(self.special_tokens)})"
+            )
         return allowed
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Tokenizer) and self.__getstate__() == other.__getstate__()
 
     def __getstate__(self) -> dict:  # what pickling (for spawned workers) and equality use: the four parts
-        return {"pattern": self.pattern, "byte_ids": self.byte_ids, "merges": self.merges, "special_tokens": self.special_tokens}
+        return {
+            "pattern": self.pattern, "byte_ids": self.byte_ids, "merges": self.merges, "special_tokens": self.special_tokens,
+        }
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)

@@ -154,8 +154,10 @@ def load_hf_tokenizer_json(path, *, pattern: str | None = None) -> Tokenizer:
                             ("dropout", (None, 0, 0.0)), ("byte_fallback", (None, False)), ("ignore_merges", (None, False))):
         if model.get(field) not in harmless:
             raise TokenizerFileError(f"{path}: model.{field} = {model[field]!r} is not supported by a plain byte-level BPE")
-    if data.get("normalizer") not in (None, {"type": "Sequence", "normalizers": []}):
-        raise TokenizerFileError(f"{path}: normalizer {data['normalizer'].get('type')!r} is not supported (text must reach BPE unchanged)")
+    normalizer = data.get("normalizer")
+    if normalizer not in (None, {"type": "Sequence", "normalizers": []}):
+        kind = normalizer.get("type") if isinstance(normalizer, dict) else normalizer
+        raise TokenizerFileError(f"{path}: normalizer {kind!r} is not supported (text must reach BPE unchanged)")
     if pattern is None:
         pattern = _hf_pattern(data.get("pre_tokenizer"), path)
     vocab = model.get("vocab")
@@ -167,7 +169,11 @@ def load_hf_tokenizer_json(path, *, pattern: str | None = None) -> Tokenizer:
         parts = merge.split(" ") if isinstance(merge, str) else merge
         merges.append(_merge(vocab, parts, f"{path}: model.merges[{i}]"))
     made = set(byte_ids) | {new for _, _, new in merges}
-    specials = {t["content"]: t["id"] for t in data.get("added_tokens") or []}
+    specials = {}
+    for i, token in enumerate(data.get("added_tokens") or []):
+        if not isinstance(token, dict) or not isinstance(token.get("content"), str) or not isinstance(token.get("id"), int):
+            raise TokenizerFileError(f"{path}: added_tokens[{i}] needs a string 'content' and an integer 'id'")
+        specials[token["content"]] = token["id"]
     stray = [token for token, i in vocab.items() if i not in made and token not in specials]
     if stray:
         raise TokenizerFileError(f"{path}: {len(stray)} vocabulary entries are neither bytes, merges nor added tokens, e.g. {stray[:3]}")
@@ -175,7 +181,8 @@ def load_hf_tokenizer_json(path, *, pattern: str | None = None) -> Tokenizer:
 
 
 def _hf_pattern(pre_tokenizer, path: Path) -> str:
-    steps = pre_tokenizer.get("pretokenizers", []) if pre_tokenizer and pre_tokenizer.get("type") == "Sequence" else [pre_tokenizer]
+    is_sequence = isinstance(pre_tokenizer, dict) and pre_tokenizer.get("type") == "Sequence"
+    steps = pre_tokenizer.get("pretokenizers", []) if is_sequence else [pre_tokenizer]
     kinds = [step.get("type") if isinstance(step, dict) else None for step in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space"):
         return GPT2_PATTERN
@@ -223,7 +230,10 @@ def open_tokenizer(path, *, pattern: str | None = None) -> Tokenizer:
                 if names == ("tokenizer.json",):
                     return load_hf_tokenizer_json(files[0], pattern=pattern)
                 return load_gpt2_files(*files, pattern=pattern or "gpt2")
-        raise FileNotFoundError(f"{path}: no tokenizer here (looked for {TOKENIZER_FILE}, tokenizer.json, vocab.json + merges.txt, encoder.json + vocab.bpe)")
+        raise FileNotFoundError(
+            f"{path}: no tokenizer here (looked for {TOKENIZER_FILE}, tokenizer.json, vocab.json + merges.txt, "
+            "encoder.json + vocab.bpe)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such tokenizer file or folder")
     with open(path, "rb") as f:
@@ -233,7 +243,10 @@ def open_tokenizer(path, *, pattern: str | None = None) -> Tokenizer:
     if path.suffix == ".json":
         return load_hf_tokenizer_json(path, pattern=pattern)
     if pattern is None:
-        raise ValueError(f"{path}: looks like a tiktoken rank file, which does not store its split pattern; give one (gpt2, cl100k or a regex)")
+        raise ValueError(
+            f"{path}: looks like a tiktoken rank file, which does not store its split pattern; "
+            "give one (gpt2, cl100k or a regex)"
+        )
     return load_tiktoken(path, pattern=pattern)
 
 

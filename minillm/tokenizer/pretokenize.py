@@ -115,11 +115,8 @@ class Splitter:
             return self.ascii_regex.findall(text)
         chunks: list[str] = []
         pos, n = 0, len(text)
-        while pos < n:
-            found = _NON_ASCII.search(text, pos)
-            if found is None:
-                chunks += self.ascii_regex.findall(text, pos)
-                break
+        found = _NON_ASCII.search(text)
+        while found is not None:
             if found.start() - pos >= self.min_ascii_run:
                 cut = _cut_before(text, pos, found.start())
                 chunks += self.ascii_regex.findall(text, pos, cut)
@@ -131,6 +128,10 @@ class Splitter:
             cut = n if cut is None else cut.start()
             chunks += self.regex.findall(text, pos, cut)
             pos = cut
+            if found is not None and found.start() < pos:  # no safe cut before it: it is done already
+                found = _NON_ASCII.search(text, pos)
+        if pos < n:
+            chunks += self.ascii_regex.findall(text, pos)
         return chunks
 
     def safe_pieces(self, text: str, piece_chars: int) -> Iterator[str]:
