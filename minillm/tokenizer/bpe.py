@@ -22,6 +22,8 @@ Same results again (tested), about 4x faster on such batches.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import heapq
 from itertools import chain
 from typing import NamedTuple
@@ -200,6 +202,25 @@ def encode_chunks_batch(chunks: list[bytes], table: PairTable) -> list[list[int]
         rank[at[~has_right]] = NO_MERGE
         left = at[at > starts] - 1
         rank[left] = table.lookup(tok[left], tok[left + 1])
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Pause Python's cyclic garbage collector during a burst of allocations.
+
+    Encoding a large new text and training allocate hundreds of thousands of small lists, tuples
+    and sets that never form reference cycles, and every 70,000 or so of them set off a full
+    collection that walks every live object (the chunk lists, the cache, the pair index): measured
+    at 20-40% of the time. Reference counting still frees everything at once; the collector is
+    switched back on afterwards if it was on before.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:

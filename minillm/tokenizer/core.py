@@ -11,7 +11,8 @@ distinct chunk is encoded once and kept in a cache; a hit costs one dict lookup,
 new chunk on the spot. A long one (or a batch) first notes all its new chunks, then encodes them
 together with numpy (bpe.encode_chunks_batch), which is what makes a first pass over a corpus fast.
 The cache is cleared when it holds CACHE_LIMIT chunks, which bounds its memory (about 30 MB).
-Tokenizers can be shared between threads: the cache only ever holds finished entries.
+Tokenizers can be shared between threads: the cache only ever holds finished entries. Long texts
+are encoded with Python's cyclic garbage collector paused (see bpe.gc_paused: it cost up to 40%).
 
 Special tokens follow tiktoken: `encode(text)` raises ValueError if text contains a special token's
 string, because text from users must never turn into a control token by accident (a document that
@@ -34,7 +35,7 @@ from itertools import chain
 import regex
 
 from minillm.tokenizer import parallel
-from minillm.tokenizer.bpe import PairTable, encode_chunk, encode_chunks_batch, render
+from minillm.tokenizer.bpe import PairTable, encode_chunk, encode_chunks_batch, gc_paused, render
 from minillm.tokenizer.pretokenize import PATTERNS, Splitter
 from minillm.tokenizer.train import count_chunks, train_bpe
 
@@ -48,7 +49,8 @@ BATCH_MAX_BYTES = 64  # longer new chunks are encoded one at a time
 
 
 class _ChunkCache(dict):
-    """chunk text -> its token ids, shared by all calls; a missing chunk is encoded on the spot."""
+    """chunk text -> its token ids (a tuple), shared by all calls; a missing chunk is encoded on the
+    spot. (Tuples of ints drop out of the garbage collector's sight; lists would be rescanned.)"""
 
     def __init__(self, byte_ids, ranks, results):
         super().__init__()
@@ -60,8 +62,8 @@ class _ChunkCache(dict):
         ids = list(data.translate(self.byte_table)) if self.byte_table else [self.byte_ids[b] for b in data]
         return encode_chunk(ids, self.ranks, self.results)
 
-    def __missing__(self, chunk: str) -> list[int]:
-        ids = self.encode(chunk.encode("utf-8"))
+    def __missing__(self, chunk: str) -> tuple[int, ...]:
+        ids = tuple(self.encode(chunk.encode("utf-8")))
         if len(self) >= CACHE_LIMIT:
             self.clear()
         self[chunk] = ids
@@ -76,13 +78,15 @@ class _NewChunks(dict):
     def __init__(self, cache: _ChunkCache):
         super().__init__()
         self.cache = cache
-        self.new: list[tuple[str, list[int]]] = []
+        self.new_chunks: list[str] = []
+        self.new_ids: list[list[int]] = []
 
-    def __missing__(self, chunk: str) -> list[int]:
+    def __missing__(self, chunk: str):
         ids = self.cache.get(chunk)
         if ids is None:
             ids = []
-            self.new.append((chunk, ids))
+            self.new_chunks.append(chunk)
+            self.new_ids.append(ids)
         self[chunk] = ids
         return ids
 
@@ -272,30 +276,31 @@ class Tokenizer:
 
     def _encode_chunk_lists(self, chunk_lists: list[list[str]]) -> list[list[int]]:
         """The ids of each list of chunks. A pass through a per-call view of the cache (the lookups
-        run in C, via map) collects each chunk's list of ids, an empty one for each chunk the cache
-        lacks; those are then encoded together and their lists filled in place before flattening."""
-        view = _NewChunks(self._cache)
-        looked_up = [list(map(view.__getitem__, chunks)) for chunks in chunk_lists]
-        if view.new:
-            self._encode_new(view.new)
-        return [list(chain.from_iterable(parts)) for parts in looked_up]
+        run in C, via map) collects each chunk's ids, an empty list for each chunk the cache lacks;
+        those are then encoded together and their lists filled in place before flattening."""
+        with gc_paused():
+            view = _NewChunks(self._cache)
+            looked_up = [list(map(view.__getitem__, chunks)) for chunks in chunk_lists]
+            if view.new_chunks:
+                self._encode_new(view.new_chunks, view.new_ids)
+            return [list(chain.from_iterable(parts)) for parts in looked_up]
 
-    def _encode_new(self, new: list[tuple[str, list[int]]]) -> None:
+    def _encode_new(self, chunks: list[str], ids: list[list[int]]) -> None:
         """Fill in the ids of new chunks (numpy for many short ones), then add them to the cache."""
-        data = [chunk.encode("utf-8") for chunk, _ in new]
-        batch = [i for i, d in enumerate(data) if len(d) <= BATCH_MAX_BYTES] if len(new) >= BATCH_MIN_NEW else []
+        data = [chunk.encode("utf-8") for chunk in chunks]
+        batch = [i for i, d in enumerate(data) if len(d) <= BATCH_MAX_BYTES] if len(chunks) >= BATCH_MIN_NEW else []
         if batch:
             if self._pair_table is None:
                 self._pair_table = PairTable.build(self._ranks, self._results, self.byte_ids)
-            for i, ids in zip(batch, encode_chunks_batch([data[i] for i in batch], self._pair_table)):
-                new[i][1].extend(ids)
-        for (_, ids), d in zip(new, data):
-            if not ids:  # not batched (chunks are never empty, so an empty list is still unfilled)
-                ids.extend(self._cache.encode(d))
+            for i, encoded in zip(batch, encode_chunks_batch([data[i] for i in batch], self._pair_table)):
+                ids[i].extend(encoded)
+        for chunk_ids, d in zip(ids, data):
+            if not chunk_ids:  # not batched (chunks are never empty, so an empty list is still unfilled)
+                chunk_ids.extend(self._cache.encode(d))
         cache = self._cache
-        if len(cache) + len(new) > CACHE_LIMIT:
+        if len(cache) + len(chunks) > CACHE_LIMIT:
             cache.clear()
-        cache.update(new)
+        cache.update(zip(chunks, map(tuple, ids)))
 
     def encode_bytes(self, data: bytes) -> list[int]:
         """Any bytes -> ids; invalid UTF-8 is split like punctuation and encoded byte-exactly."""

@@ -38,7 +38,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import regex
 
 from minillm.progress import Progress
-from minillm.tokenizer.bpe import merge_pair
+from minillm.tokenizer.bpe import gc_paused, merge_pair
 from minillm.tokenizer.parallel import process_pool, resolve_workers
 from minillm.tokenizer.pretokenize import Splitter
 
@@ -125,6 +125,18 @@ def _add_counts(total: Counter[str], part: Counter[str]) -> None:
 
 def train_bpe(chunk_counts: Mapping[str, int], num_merges: int, *, verbose: bool = False) -> list[tuple[int, int]]:
     """Learn up to `num_merges` merges from chunk -> count; merge i makes token 256 + i."""
+    with gc_paused():  # millions of pair tuples and index sets, none in a cycle
+        merges = _learn_merges(chunk_counts, num_merges, verbose)
+    if len(merges) < num_merges:
+        warnings.warn(
+            f"BPE training stopped after {len(merges)} of {num_merges} merges: no pair of tokens is left "
+            "to merge (the training text is too small for this vocabulary size)",
+            stacklevel=3,
+        )
+    return merges
+
+
+def _learn_merges(chunk_counts: Mapping[str, int], num_merges: int, verbose: bool) -> list[tuple[int, int]]:
     words: list[list[int]] = []  # each distinct chunk as its current token ids
     freqs: list[int] = []
     for chunk, n in chunk_counts.items():
@@ -177,10 +189,4 @@ def train_bpe(chunk_counts: Mapping[str, int], num_merges: int, *, verbose: bool
             for p in new_pairs:
                 heapq.heappush(heap, (-counts[p], p))
             progress.update(1)
-    if len(merges) < num_merges:
-        warnings.warn(
-            f"BPE training stopped after {len(merges)} of {num_merges} merges: no pair of tokens is left "
-            "to merge (the training text is too small for this vocabulary size)",
-            stacklevel=3,
-        )
     return merges
