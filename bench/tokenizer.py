@@ -47,6 +47,7 @@ class BenchConfig:
     textbook_merges: int = 50  # merges for the textbook comparison (it takes ~0.3 s per merge on Shakespeare)
     repeats: int = 3  # each timing is the best of this many runs
     workers: int = 0  # processes / threads for the batch runs (0: every CPU)
+    sections: tuple[str, ...] = ("train", "textbook", "encode")  # which parts to run
 
 
 def cpu_seconds() -> float:
@@ -65,6 +66,15 @@ def best_time(fn, repeats: int):
         if wall < best:
             best, best_cpu = wall, cpu
     return best, best_cpu, result
+
+
+def best_cold(make, fn, repeats: int):
+    """`best_time` of fn(tokenizer), each run on a new tokenizer (an empty cache) from make()."""
+    runs = []
+    for _ in range(repeats):
+        tokenizer = make()
+        runs.append(best_time(lambda: fn(tokenizer), 1))
+    return min(runs, key=lambda run: run[0])
 
 
 def load_corpora(folder: Path, imdb_docs: int) -> dict[str, list[str]]:
@@ -150,13 +160,15 @@ def bench_encoding(config: BenchConfig, corpora: dict[str, list[str]], folder: P
         text = "\n".join(docs)
         batch = text.split("\n\n") if len(docs) == 1 else docs  # Shakespeare: one document per speech
         single = best_time(lambda: enc.encode_ordinary(text), config.repeats)
+        cold = best_cold(fresh, lambda tok: tok.encode_ordinary(text), config.repeats)
         tok = fresh()
-        cold = best_time(lambda: tok.encode_ordinary(text), 1)
+        tok.encode_ordinary(text)
         warm = best_time(lambda: tok.encode_ordinary(text), config.repeats)
         assert cold[2] == warm[2] == single[2], f"{name}: our ids differ from tiktoken's"
         many = best_time(lambda: enc.encode_ordinary_batch(batch, num_threads=workers), config.repeats)
+        cold_many = best_cold(fresh, lambda tok: tok.encode_batch(batch, num_workers=workers), config.repeats)
         tok = fresh()
-        cold_many = best_time(lambda: tok.encode_batch(batch, num_workers=workers), 1)
+        tok.encode_batch(batch, num_workers=workers)
         warm_many = best_time(lambda: tok.encode_batch(batch, num_workers=workers), config.repeats)
         assert cold_many[2] == warm_many[2] == many[2], f"{name}: our batch ids differ from tiktoken's"
         for mode, ours, peer, target in (
@@ -177,9 +189,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"python {sys.version.split()[0]}, {cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other work skews timings)")
     corpora = load_corpora(folder, config.imdb_docs)
     warnings.simplefilter("ignore")  # a tiny --imdb_docs may run out of pairs; not what is measured
-    bench_training(config, corpora)
-    bench_textbook(config, corpora)
-    bench_encoding(config, corpora, folder)
+    if "train" in config.sections:
+        bench_training(config, corpora)
+    if "textbook" in config.sections:
+        bench_textbook(config, corpora)
+    if "encode" in config.sections:
+        bench_encoding(config, corpora, folder)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f} on {cpu_count()} CPUs")
 
 
