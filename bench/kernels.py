@@ -37,9 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
-from minillm.cli import format_config, parse_args  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -262,6 +260,10 @@ def compile_report(cfg: BenchConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))  # `python bench/kernels.py` from a checkout, installed or not
+    from minillm.cli import format_config, parse_args
+
     cfg = parse_args(sys.argv[1:] if argv is None else argv, BenchConfig(), prog="bench/kernels.py", description=__doc__)
     print(format_config(cfg))
     if cfg.compile_report:

@@ -21,7 +21,7 @@ Algorithm (Dao 2023, "FlashAttention-2"). The (Tq, Tk) score matrix is never sto
 - causal blocks wholly below the diagonal skip the mask; only the blocks that straddle the diagonal
   (or the sequence end) pay for it. Blocks wholly above the diagonal are never visited.
 
-Dtypes: fp16, bf16 and fp32, plus fp64 (for gradcheck; no tensor cores, slow). q, k and v share one
+Dtypes: fp16, bf16 and fp32, plus fp64 (for gradcheck; slow). q, k and v share one
 dtype. Matmuls accumulate in fp32 (fp64 for fp64); m, l, lse and delta are fp32 (fp64 for fp64);
 P and dS are rounded to the input dtype before their matmuls, as FlashAttention does. fp32 inputs use
 IEEE fp32 products (not tf32), matching PyTorch's default accuracy.
@@ -302,12 +302,14 @@ class Tiles:
 
 
 def choose_tiles(kernel: str, dtype: torch.dtype, block_d: int) -> Tiles:
-    """Tile sizes for "fwd", "dkdv" or "dq", chosen for an H100 (sm_90; fine on sm_80).
+    """Tile sizes for "fwd", "dkdv" or "dq", chosen for an H100 (at most 128 KB of shared memory, so
+    they fit an A100 too; `_launch` shrinks them on smaller GPUs).
 
     16-bit inputs use tensor cores, where large tiles amortise the loads: 128 query rows per forward
     and dQ program, 128 keys per dK/dV program (64 for head size 128). fp32 (IEEE products) and fp64
     run on FMA units, which need far more registers per tile, so their tiles are small. Every entry
-    was compiled for sm_90 with Triton 3.9 and checked to use no local memory (no register spills).
+    was compiled for sm_90 with Triton 3.6 and 3.9: the 16-bit ones spill no registers to local
+    memory, fp32 and fp64 at most 16 bytes. No GPU has timed them yet (see the README).
     The interpreter runs one numpy op per tile op: fewer, larger tiles are faster there.
     """
     if INTERPRETED:
@@ -357,7 +359,8 @@ def _kernel_constants(q: torch.Tensor, causal: bool) -> dict:
 
 
 def attention_forward(q, k, v, causal: bool, tiles: Tiles | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output (B, nh, Tq, hs) in q's dtype, contiguous, and the row log-sum-exp (B, nh, Tq) in fp32."""
+    """Output (B, nh, Tq, hs) in q's dtype, contiguous, and the row log-sum-exp (B, nh, Tq) in fp32
+    (fp64 for fp64 inputs), natural-log units."""
     B, H, t_q, hs = q.shape
     t_k = k.shape[2]
     consts = _kernel_constants(q, causal)

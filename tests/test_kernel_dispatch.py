@@ -90,3 +90,14 @@ def test_gpt_on_kernels_matches_gpt_on_torch(bias):
     assert_close("loss", loss, ref_loss, 1e-6, 1e-6)
     for name, g in grads.items():
         assert_close(f"grad of {name}", g, ref_grads[name], 1e-4, 1e-5)
+
+
+def test_bench_script_without_a_gpu_says_so_and_checks_the_kernels():
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU bench/kernels.py runs the full benchmark (minutes): run it by hand")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "kernels.py")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "No CUDA device on this machine" in run.stdout
+    assert "interpreter smoke check:" in run.stdout and run.stdout.rstrip().endswith("ok")
