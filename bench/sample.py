@@ -7,7 +7,8 @@ Face transformers' `generate`, on the same random GPT-2-sized weights, in one pr
 
 Fairness: one set of weights (a transformers GPT2LMHeadModel built from a config, no download,
 copied into minillm's GPT), the same prompt, greedy decoding, exactly `new_tokens` new tokens each
-(HF's end-of-text stop is turned off, as ours is), the same dtype and thread count, each path warmed
+(HF's end-of-text stop is turned off, as ours is), the same dtype and thread count, and the weight
+layout each library uses for decoding (`prepare_for_decoding`; transformers' Conv1D), each path warmed
 up once. The two cached paths then take turns for `repeats` rounds and each reports its best run, so a
 burst of load from elsewhere on a shared machine hits both alike; the no-cache path runs once (it is
 slow). Timing covers the whole call, prefill included. The greedy tokens of the two cached paths are compared as a check.
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from minillm import cli  # noqa: E402
 from minillm.config import GPTConfig  # noqa: E402
-from minillm.generate import SamplingConfig, generate  # noqa: E402
+from minillm.generate import SamplingConfig, generate, prepare_for_decoding  # noqa: E402
 from minillm.hf import config_to_hf, model_from_state, state_from_hf  # noqa: E402
 from minillm.model import GPT  # noqa: E402
 
@@ -67,8 +68,9 @@ def no_cache_generate(model: GPT, prompt: torch.Tensor, new_tokens: int) -> torc
     idx = prompt
     with torch.inference_mode():
         for _ in range(new_tokens):
-            logits, _ = model(idx[:, -model.config.block_size:])
-            idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            hidden = model.hidden_states(idx[:, -model.config.block_size:])  # (B, T, C), all of it again
+            logits = model.lm_head(hidden[:, -1])  # only the last position is scored, as generate does
+            idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], dim=1)
     return idx[:, prompt.shape[1]:]
 
 
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         model = model_from_state(config, {k: v.clone() for k, v in state.items()}, dtype=dtype)
     else:
         model = GPT(config).to(dtype).eval()
+    prepare_for_decoding(model)  # what sample.py and the server do: the layout transformers' Conv1D has
     prompt = torch.randint(0, config.vocab_size, (cfg.batch, cfg.prompt_len))
     prompts = prompt.tolist()
     sampling = SamplingConfig(temperature=0, max_new_tokens=cfg.new_tokens, stop_at_eot=False)
