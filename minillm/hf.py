@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ from minillm.config import GPTConfig
 from minillm.model import GPT
 from minillm.prompts import PromptTemplate
 from minillm.safetensors import load_file, save_file
+from minillm.tokenizer import GPT2_PATTERN, PATTERNS, TOKENIZER_FILE, Tokenizer, open_tokenizer
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in old GPT-2 files, not weights
@@ -168,7 +171,7 @@ def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_hf_gpt2(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32,
-                 **config_overrides) -> tuple[GPT, Any]:
+                 **config_overrides) -> tuple[GPT, Tokenizer | None]:
     """(model, tokenizer or None) from a Hugging Face GPT-2 folder; tokenizer from vocab.json + merges.txt."""
     folder = Path(folder)
     source = folder / "config.json"
@@ -177,12 +180,25 @@ def load_hf_gpt2(folder: str | os.PathLike, device: str | torch.device = "cpu", 
         config = GPTConfig(**{**config.__dict__, **config_overrides})
     state = state_from_hf(read_hf_weights(folder), config, str(folder))
     model = model_from_state(config, state, device, dtype, source=str(folder))
-    tokenizer = None
-    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-        from minillm.tokenizer import Tokenizer
+    return model, read_hf_tokenizer(folder)
 
-        tokenizer = Tokenizer.from_gpt2_files(folder / "vocab.json", folder / "merges.txt")
-    return model, tokenizer
+
+def read_hf_tokenizer(folder: Path) -> Tokenizer | None:
+    """The tokenizer of a HF folder: tokenizer.json (which states its split pattern) when there is
+    one minillm can read, else vocab.json + merges.txt (GPT-2's split), else None."""
+    gpt2_files = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    if (folder / "tokenizer.json").is_file():
+        try:
+            split = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")).get("pre_tokenizer") or {}
+            regexes = [step.get("pattern", {}).get("Regex") for step in split.get("pretokenizers", []) if step.get("type") == "Split"]
+            # a built-in pattern we exported in Oniguruma's spelling: read it back under its own name
+            known = next((p for p in PATTERNS.values() if regexes and onig_pattern(p) == regexes[0]), None)
+            return open_tokenizer(folder / "tokenizer.json", pattern=known)
+        except (ValueError, AttributeError) as err:
+            if not gpt2_files:
+                raise
+            warnings.warn(f"{folder / 'tokenizer.json'}: {err}; reading vocab.json + merges.txt instead", stacklevel=2)
+    return Tokenizer.from_gpt2_files(folder / "vocab.json", folder / "merges.txt") if gpt2_files else None
 
 
 def export_hf_gpt2(model: GPT, out: str | os.PathLike, tokenizer=None) -> Path:
@@ -203,16 +219,59 @@ def export_hf_gpt2(model: GPT, out: str | os.PathLike, tokenizer=None) -> Path:
         _write_json(tmp / "config.json", hf_config)
         save_file(state_to_hf(model), tmp / "model.safetensors", metadata={"format": "pt"})
         if tokenizer is not None:
-            tokenizer.save_gpt2_files(tmp)  # vocab.json + merges.txt
-            special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT} if eot is not None else {}
-            _write_json(tmp / "tokenizer_config.json", {
-                "tokenizer_class": "GPT2Tokenizer", "model_max_length": model.config.block_size,
-                "add_prefix_space": False, "errors": "replace", **special})
-            _write_json(tmp / "special_tokens_map.json", special)
+            write_hf_tokenizer(tokenizer, tmp, model.config.block_size)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def write_hf_tokenizer(tokenizer, folder: Path, max_length: int) -> None:
+    """The tokenizer files of a HF GPT-2 folder: vocab.json + merges.txt (the tokenizer's own GPT-2
+    export), tokenizer_config.json and special_tokens_map.json, and tokenizer.json, the fast tokenizer.
+
+    Why tokenizer.json too: vocab.json + merges.txt imply GPT-2's split pattern, but a minillm
+    tokenizer may be trained with another (e.g. cl100k's). tokenizer.json states ours explicitly, as a
+    Split pre-tokenizer before the byte-level mapping, and tokenizer_config.json then names the
+    generic fast tokenizer (transformers' GPT2Tokenizer would impose GPT-2's split), so transformers
+    splits text exactly as we do.
+    """
+    tokenizer.save_gpt2_files(folder)  # vocab.json + merges.txt
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges = [line.split(" ") for line in lines if line and not line.startswith("#version")]
+    specials = tokenizer.special_tokens
+    eot = EOT if EOT in specials else None
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    _write_json(folder / "tokenizer.json", {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for token, i in sorted(specials.items(), key=lambda x: x[1])],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": onig_pattern(tokenizer.pattern)}, "behavior": "Isolated", "invert": False},
+            byte_level]},
+        "post_processor": byte_level, "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": merges},
+    })
+    special = {"bos_token": eot, "eos_token": eot, "unk_token": eot} if eot else {}
+    gpt2_split = onig_pattern(tokenizer.pattern) == onig_pattern(GPT2_PATTERN)
+    _write_json(folder / "tokenizer_config.json", {
+        "tokenizer_class": "GPT2Tokenizer" if gpt2_split else "PreTrainedTokenizerFast", "model_max_length": max_length, "add_prefix_space": False,
+        "errors": "replace", "additional_special_tokens": sorted(t for t in specials if t != eot), **special})
+    _write_json(folder / "special_tokens_map.json", special)
+
+
+def onig_pattern(pattern: str) -> str:
+    """Our split pattern (Python `regex` syntax) for the Oniguruma engine inside `tokenizers`.
+
+    subtle: Oniguruma reads `{1,3}+` as "one or more runs of 1 to 3", not as a possessive interval,
+    so cl100k's `\\p{N}{1,3}+` would swallow any number of digits. Dropping the `+` is exact where
+    nothing after the interval could backtrack into it, as at the end of an alternative (cl100k's case).
+    """
+    return re.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", pattern)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -224,7 +283,7 @@ class Pretrained:
     """A model opened for inference, with what it needs to read and write text."""
 
     model: GPT
-    tokenizer: Any  # minillm.tokenizer.Tokenizer, or None when the folder has none
+    tokenizer: Tokenizer | None  # None when the folder has none
     template: PromptTemplate | None  # the instruction template it was finetuned with, if any
     source: str  # what was loaded, for messages
 
@@ -251,15 +310,18 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__.split("Command line:")[1].rstrip(), file=sys.stderr)
         raise SystemExit(2)
     command, src, dst = argv
-    if command == "export":
-        pretrained = load_pretrained(src)
-        out = export_hf_gpt2(pretrained.model, dst, pretrained.tokenizer)
-        print(f"exported {pretrained.source} -> {out} ({pretrained.model.num_params():,} parameters)")
-    else:
-        model, tokenizer = load_hf_gpt2(src)
-        writers = {} if tokenizer is None else {"tokenizer.bpe": tokenizer.save}
-        out = save_checkpoint(dst, 0, model, writers=writers)
-        print(f"imported {src} -> {out} ({model.num_params():,} parameters)")
+    try:
+        if command == "export":
+            pretrained = load_pretrained(src)
+            out = export_hf_gpt2(pretrained.model, dst, pretrained.tokenizer)
+            print(f"exported {pretrained.source} -> {out} ({pretrained.model.num_params():,} parameters)")
+        else:
+            model, tokenizer = load_hf_gpt2(src)
+            writers = {} if tokenizer is None else {TOKENIZER_FILE: tokenizer.save}
+            out = save_checkpoint(dst, 0, model, writers=writers)
+            print(f"imported {src} -> {out} ({model.num_params():,} parameters)")
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"python -m minillm.hf {command}: error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -124,6 +124,8 @@ def test_load_pretrained_and_the_command_line(tmp_path, capsys):
         assert_same_model(model, loaded.model)
         assert loaded.template is None and str(path) in loaded.source
     assert load_checkpoint(tmp_path / "back").step == 0
+    with pytest.raises(SystemExit, match="export: error: .*already exists"):
+        main(["export", str(tmp_path / "run"), str(tmp_path / "hf")])
 
 
 # ---- against Hugging Face transformers (an optional test dependency) ----
@@ -161,3 +163,45 @@ def test_our_export_loads_in_transformers_and_safetensors_with_the_same_logits(t
     theirs = safetensors.load_file(str(tmp_path / "hf" / "model.safetensors"))
     expected = state_to_hf(model)
     assert theirs.keys() == expected.keys() and all(torch.equal(theirs[k], expected[k]) for k in theirs)
+
+
+# ---- tokenizer files ----
+
+TOKENIZER_TEXT = ("I HAD always thought Jack Gisburn rather a cheap genius. " * 5 + "héllo wörld 日本語 🙂🙃 "
+                  + "DON'T WON'T CAN'T " * 30 + "1234567 7654321 " * 20)
+PROBES = ["héllo 日本 🙂  the  genius\n\n  x", "I DON'T know 1234567", "a<|endoftext|>b<|pad|>", TOKENIZER_TEXT[:500]]
+
+
+@pytest.mark.parametrize("pattern", ["gpt2", "cl100k"])
+def test_tokenizer_travels_with_the_folder(tmp_path, transformers, pattern):
+    """Exported with the model, read back equal; and transformers' AutoTokenizer splits and merges
+    exactly as ours, also for a split pattern that is not GPT-2's (cl100k's: "'T" is one chunk there)."""
+    from minillm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train(TOKENIZER_TEXT, vocab_size=320, pattern=pattern, special_tokens=("<|endoftext|>", "<|pad|>"))
+    model = random_model(GPTConfig(**{**TINY.__dict__, "vocab_size": tokenizer.vocab_size}))
+    export_hf_gpt2(model, tmp_path / "hf", tokenizer)
+    imported, back = load_hf_gpt2(tmp_path / "hf", impl="torch")
+    assert back == tokenizer and load_pretrained(tmp_path / "hf").tokenizer == tokenizer
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == tokenizer.eot_id
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert theirs.eos_token_id == tokenizer.eot_id
+    for text in PROBES:
+        ids = tokenizer.encode(text, allowed_special="all")
+        assert theirs.encode(text) == ids, text
+        assert theirs.decode(ids) == text
+
+
+def test_gpt2_tokenizer_files_round_trip_through_an_export(tmp_path, transformers, shared_data):
+    """GPT-2's own vocabulary (shared data) in a folder with a small model: transformers reads our
+    vocab.json/merges.txt/tokenizer.json and tokenizes a real text exactly as we do."""
+    from minillm.tokenizer import Tokenizer
+
+    gpt2 = Tokenizer.from_gpt2_files(shared_data / "encoder.json", shared_data / "vocab.bpe")
+    model = random_model(GPTConfig(vocab_size=gpt2.vocab_size, block_size=8, n_layer=1, n_head=1, n_embd=4))
+    export_hf_gpt2(model, tmp_path / "hf", gpt2)
+    _, back = load_hf_gpt2(tmp_path / "hf")
+    assert back == gpt2
+    text = (shared_data / "the-verdict.txt").read_text(encoding="utf-8")[:4000]
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert theirs.encode(text) == gpt2.encode(text)
