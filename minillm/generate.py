@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -237,6 +237,7 @@ def prepare_for_decoding(model):
 
 
 
+@torch.inference_mode()
 def prefill(model, cache: KVCache, prompts: Sequence[Sequence[int]], rows: Sequence[int] | None = None) -> torch.Tensor:
     """Run the prompts into cache rows `rows` (default: rows 0..n-1 = all of the cache), replacing what
     those rows held; returns each prompt's next-token logits (n, vocab_size) in float32."""
@@ -258,6 +259,7 @@ def prefill(model, cache: KVCache, prompts: Sequence[Sequence[int]], rows: Seque
     return model.lm_head(last).float()
 
 
+@torch.inference_mode()
 def decode_step(model, cache: KVCache, tokens: Sequence[int], rows: Sequence[int] | None = None) -> torch.Tensor:
     """Append one token to each of `rows` (default: all rows of the cache); returns the logits for
     the token after it (n, vocab_size) in float32."""
@@ -343,37 +345,38 @@ def generate_iter(model, prompts: Sequence[str | Sequence[int]], config: Samplin
     cache = KVCache.for_model(model, len(contexts))
     was_training = model.training
     model.eval()
+    # subtle: no inference_mode around this loop; held across a `yield` it would leak into the
+    # caller's code. prefill and decode_step enter it themselves.
     try:
-        with torch.inference_mode():
-            logits = prefill(model, cache, [ctx[s:] for ctx, s in zip(contexts, starts)])
-            active = list(range(len(contexts)))
-            while active:
-                decoding, refilling = [], []
-                for j, i in enumerate(active):
-                    token = samplers[i](logits[j])
-                    if token in stop_ids:
-                        yield Chunk(i, None, texts[i].finish() if texts[i] else "", finish_reason="stop")
-                        continue
-                    logprob = float(torch.log_softmax(logits[j], dim=-1)[token])
-                    contexts[i].append(token)
-                    produced[i] += 1
-                    yield Chunk(i, token, texts[i].push(token) if texts[i] else "", logprob)
-                    if texts[i] is not None and texts[i].stopped:
-                        yield Chunk(i, None, "", finish_reason="stop")
-                    elif produced[i] == config.max_new_tokens:
-                        yield Chunk(i, None, texts[i].finish() if texts[i] else "", finish_reason="length")
-                    elif window_start(len(contexts[i]), block, shift) != starts[i]:
-                        refilling.append(i)  # the window slides: re-encode what it keeps
-                    else:
-                        decoding.append(i)
-                parts = []
-                if decoding:
-                    parts.append(decode_step(model, cache, [contexts[i][-1] for i in decoding], decoding))
-                for i in refilling:
-                    starts[i] = window_start(len(contexts[i]), block, shift)
-                    parts.append(prefill(model, cache, [contexts[i][starts[i]:]], [i]))
-                active = decoding + refilling
-                logits = torch.cat(parts) if parts else None
+        logits = prefill(model, cache, [ctx[s:] for ctx, s in zip(contexts, starts)])
+        active = list(range(len(contexts)))
+        while active:
+            decoding, refilling = [], []
+            for j, i in enumerate(active):
+                token = samplers[i](logits[j])
+                if token in stop_ids:
+                    yield Chunk(i, None, texts[i].finish() if texts[i] else "", finish_reason="stop")
+                    continue
+                logprob = float(torch.log_softmax(logits[j], dim=-1)[token])
+                contexts[i].append(token)
+                produced[i] += 1
+                yield Chunk(i, token, texts[i].push(token) if texts[i] else "", logprob)
+                if texts[i] is not None and texts[i].stopped:
+                    yield Chunk(i, None, "", finish_reason="stop")
+                elif produced[i] == config.max_new_tokens:
+                    yield Chunk(i, None, texts[i].finish() if texts[i] else "", finish_reason="length")
+                elif window_start(len(contexts[i]), block, shift) != starts[i]:
+                    refilling.append(i)  # the window slides: re-encode what it keeps
+                else:
+                    decoding.append(i)
+            parts = []
+            if decoding:
+                parts.append(decode_step(model, cache, [contexts[i][-1] for i in decoding], decoding))
+            for i in refilling:
+                starts[i] = window_start(len(contexts[i]), block, shift)
+                parts.append(prefill(model, cache, [contexts[i][starts[i]:]], [i]))
+            active = decoding + refilling
+            logits = torch.cat(parts) if parts else None
     finally:
         model.train(was_training)
 
@@ -383,7 +386,7 @@ def generate(model, prompts: Sequence[str | Sequence[int]], config: SamplingConf
     """Generate from each prompt (texts with `tokenizer`, or token id lists); one Completion each, in order."""
     config = config or SamplingConfig()
     if config.seed is None:  # fix it here so the completions can report it
-        config = SamplingConfig(**{**config.__dict__, "seed": random.SystemRandom().randrange(2**31)})
+        config = replace(config, seed=random.SystemRandom().randrange(2**31))
     results = [Completion(i, encode_prompt(p, tokenizer), text=None if tokenizer is None else "", seed=config.seed + i)
                for i, p in enumerate(prompts)]
     for chunk in generate_iter(model, prompts, config, tokenizer=tokenizer):

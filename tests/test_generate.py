@@ -163,3 +163,10 @@ def test_the_decoding_layout_changes_memory_order_only():
     got = generate(model, [[1, 2, 3]], SamplingConfig(temperature=0, max_new_tokens=5))[0]
     assert got.tokens == expected.tokens
     assert max(abs(a - b) for a, b in zip(got.logprobs, expected.logprobs)) <= 1e-5
+
+
+def test_the_caller_keeps_its_grad_mode_between_chunks():
+    """generate_iter yields mid-generation; the code that consumes it must not run in inference mode."""
+    model = random_model(12)
+    for _ in generate_iter(model, [[1, 2]], SamplingConfig(max_new_tokens=3, seed=0)):
+        assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
