@@ -93,7 +93,10 @@ def test_a_subset_of_rows_in_any_order_decodes_alone():
         logits = decode_step(model, cache, [6, 7], [0, 1])  # consecutive rows: read as a slice
         assert_close(logits[0], full_logits(model, seqs[0] + [6])[-1], "row 0 again")
         assert_close(logits[1], full_logits(model, [5, 4, 3, 7])[-1], "row 1 again")
-    assert cache.lengths == [7, 4, 4, 1]
+        logits = decode_step(model, cache, [8, 9], [2, 1])  # equal lengths, rows out of order: one slice write each
+        assert_close(logits[0], full_logits(model, seqs[2] + [8])[-1], "row 2, uniform")
+        assert_close(logits[1], full_logits(model, [5, 4, 3, 7, 9])[-1], "row 1, uniform")
+    assert cache.lengths == [7, 5, 5, 1]
 
 
 def test_a_full_row_is_a_clear_error():
