@@ -151,3 +151,5 @@ def test_attention_with_an_explicit_mask_matches_softmax_written_out():
     assert torch.allclose(ops.attention(q, k, v, causal=False, mask=mask, impl="torch"), expected, atol=1e-6)
     with pytest.raises(ValueError, match="causal=False with an explicit mask"):
         ops.attention(q, k, v, mask=mask)
+    with pytest.raises(ValueError, match="impl='triton' cannot run this input: an explicit mask"):
+        ops.attention(q, k, v, causal=False, mask=mask, impl="triton")
