@@ -4,7 +4,8 @@ A Hugging Face GPT-2 folder (what `GPT2LMHeadModel.save_pretrained` writes, or a
 
     config.json            n_embd, n_layer, n_head, n_positions, vocab_size, layer_norm_epsilon, ...
     model.safetensors      weights (or pytorch_model.bin, or shards listed in *.index.json)
-    vocab.json, merges.txt the byte-level BPE tokenizer (optional); tokenizer_config.json beside them
+    vocab.json, merges.txt the byte-level BPE tokenizer (optional), with GPT-2's split pattern
+    tokenizer.json         the same tokenizer for transformers' fast tokenizers, its split pattern stated
 
 Mapping to minillm: parameter names are the same, with or without the `transformer.` prefix. GPT-2
 stores its four projection weights as Conv1D, (in, out), the transpose of nn.Linear's (out, in), so
@@ -17,6 +18,10 @@ attention scaling, cross-attention) and says which field. Exporting writes confi
 with our own safetensors writer (`{"format": "pt"}` metadata, which transformers requires) and the
 tokenizer files, so `GPT2LMHeadModel.from_pretrained(folder)` and `AutoTokenizer.from_pretrained(folder)`
 load it offline. Nothing is unpickled: `pytorch_model.bin` goes through `torch.load(weights_only=True)`.
+
+`load_pretrained(path)` opens either kind of folder (or a minillm run folder) with its tokenizer and,
+for an instruction-finetuned checkpoint, its prompt template: what sample.py, evaluation and the
+server load models with.
 
 Command line:
 
@@ -172,10 +177,14 @@ def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
 
 def load_hf_gpt2(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32,
                  **config_overrides) -> tuple[GPT, Tokenizer | None]:
-    """(model, tokenizer or None) from a Hugging Face GPT-2 folder; tokenizer from vocab.json + merges.txt."""
+    """(model, tokenizer or None) from a Hugging Face GPT-2 folder, the model in eval mode."""
     folder = Path(folder)
     source = folder / "config.json"
-    config = config_from_hf(json.loads(source.read_text(encoding="utf-8")), str(source))
+    try:
+        hf_config = json.loads(source.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{source}: not valid JSON (line {err.lineno}: {err.msg})") from None
+    config = config_from_hf(hf_config, str(source))
     if config_overrides:
         config = GPTConfig(**{**config.__dict__, **config_overrides})
     state = state_from_hf(read_hf_weights(folder), config, str(folder))
@@ -201,7 +210,7 @@ def read_hf_tokenizer(folder: Path) -> Tokenizer | None:
     return Tokenizer.from_gpt2_files(folder / "vocab.json", folder / "merges.txt") if gpt2_files else None
 
 
-def export_hf_gpt2(model: GPT, out: str | os.PathLike, tokenizer=None) -> Path:
+def export_hf_gpt2(model: GPT, out: str | os.PathLike, tokenizer: Tokenizer | None = None) -> Path:
     """Write `model` (and `tokenizer`) as a Hugging Face GPT-2 folder `out`, which must not exist yet.
 
     Written into a temporary folder first and renamed, so `out` is complete or absent.
@@ -226,7 +235,7 @@ def export_hf_gpt2(model: GPT, out: str | os.PathLike, tokenizer=None) -> Path:
     return out
 
 
-def write_hf_tokenizer(tokenizer, folder: Path, max_length: int) -> None:
+def write_hf_tokenizer(tokenizer: Tokenizer, folder: Path, max_length: int) -> None:
     """The tokenizer files of a HF GPT-2 folder: vocab.json + merges.txt (the tokenizer's own GPT-2
     export), tokenizer_config.json and special_tokens_map.json, and tokenizer.json, the fast tokenizer.
 

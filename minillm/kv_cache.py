@@ -58,9 +58,13 @@ class KVCache:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int | None = None) -> "KVCache":
-        """A cache on the model's device, in its parameters' dtype."""
+        """A cache on the model's device, in the dtype it computes in: its parameters' dtype, or the
+        autocast dtype when called under torch.autocast (as in a mixed-precision training loop)."""
         weight = model.transformer.wte.weight
-        return cls(model.config, batch_size, max_len, device=weight.device, dtype=weight.dtype)
+        dtype = weight.dtype
+        if weight.is_floating_point() and torch.is_autocast_enabled(weight.device.type):
+            dtype = torch.get_autocast_dtype(weight.device.type)
+        return cls(model.config, batch_size, max_len, device=weight.device, dtype=dtype)
 
     def reset(self, rows: Sequence[int] | None = None) -> None:
         """Empty some rows (all by default); their old contents are simply overwritten later."""

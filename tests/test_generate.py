@@ -170,3 +170,11 @@ def test_the_caller_keeps_its_grad_mode_between_chunks():
     model = random_model(12)
     for _ in generate_iter(model, [[1, 2]], SamplingConfig(max_new_tokens=3, seed=0)):
         assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
+def test_generation_under_autocast_caches_in_the_autocast_dtype():
+    """A mixed-precision training loop may sample for a progress report inside torch.autocast."""
+    model = random_model(13)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        [c] = generate(model, [[1, 2, 3]], SamplingConfig(temperature=0, max_new_tokens=4))
+    assert len(c.tokens) == 4

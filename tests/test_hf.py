@@ -192,6 +192,20 @@ def test_tokenizer_travels_with_the_folder(tmp_path, transformers, pattern):
         assert theirs.decode(ids) == text
 
 
+def test_an_unreadable_tokenizer_json_falls_back_to_the_gpt2_files(tmp_path):
+    from minillm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train(TOKENIZER_TEXT, vocab_size=300)
+    export_hf_gpt2(random_model(GPTConfig(**{**TINY.__dict__, "vocab_size": tokenizer.vocab_size})), tmp_path / "hf", tokenizer)
+    path = tmp_path / "hf" / "tokenizer.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "normalizer": {"type": "NFC"}}))
+    with pytest.warns(UserWarning, match="reading vocab.json \\+ merges.txt instead"):
+        assert load_hf_gpt2(tmp_path / "hf")[1] == tokenizer
+    (tmp_path / "hf" / "config.json").write_text("{oops")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        load_hf_gpt2(tmp_path / "hf")
+
+
 def test_gpt2_tokenizer_files_round_trip_through_an_export(tmp_path, transformers, shared_data):
     """GPT-2's own vocabulary (shared data) in a folder with a small model: transformers reads our
     vocab.json/merges.txt/tokenizer.json and tokenizes a real text exactly as we do."""
