@@ -44,7 +44,7 @@ class DedupConfig:
     shingle_words: int = 5  # words per shingle
     num_perm: int = 128  # MinHash signature length (memory: 4 bytes each per document)
     cross_split_dedup: bool = True  # drop train/val documents that duplicate a val/test document
-    seed: int = 0  # seeds the MinHash permutations and the hash split
+    seed: int = 0  # seeds the MinHash permutations (a plain --seed also seeds the hash split)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.near_threshold <= 1.0:
