@@ -30,11 +30,13 @@ end, report.json last: a folder with a report.json is a complete one.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
 import shutil
 import time
+from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -105,13 +107,65 @@ class Cleaned(NamedTuple):
     source: str
     outcome: str  # "kept" (so far) or a reason from REASONS
     detail: str | None  # low_quality: which test; bad_record: the message
-    data: bytes | int  # a survivor's cleaned text (UTF-8); once spooled to disk, its length there
+    data: bytes  # a survivor's cleaned text, UTF-8
     key: bytes  # exact_key of the cleaned text
     signature_row: int  # its MinHash signature's row in the batch's matrix; -1: none
     raw_bytes: int  # UTF-8 bytes of the text as read
     changed: tuple[str, ...]  # cleaning steps that changed it
     redacted: dict[str, tuple[int, int]]  # PII kind -> (matches, characters)
-    signature: np.ndarray | None = None  # attached in the main process (a row of the batch matrix)
+
+
+class Survivors:
+    """The documents of one split that passed cleaning, in reading order. What deduplication needs
+    stays in memory column by column (id, label, exact key, MinHash signature: about 0.6 KB per
+    document with 128 permutations, whatever the text's size); source and text go to a spool file
+    on disk and are read back, in order, by `read()`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.ids, self.label_ids, self.sizes = array("q"), array("i"), array("q")  # sizes: source, text
+        self.label_names: list[str | None] = []
+        self.keys = bytearray()  # 16 bytes each
+        # signatures stay in the matrices the workers sent (no copy); per document: (matrix, row) or -1
+        self._matrices: list[np.ndarray] = []
+        self._signature_at = array("q")
+        self._spool = open(path, "wb")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add(self, r: Cleaned, matrix: np.ndarray) -> None:
+        self.ids.append(r.id)
+        if r.label not in self.label_names:  # labels are few: a list beats a dict here
+            self.label_names.append(r.label)
+        self.label_ids.append(self.label_names.index(r.label))
+        self.keys += r.key
+        if r.signature_row >= 0 and (not self._matrices or self._matrices[-1] is not matrix):
+            self._matrices.append(matrix)
+        self._signature_at.append((len(self._matrices) - 1) << 32 | r.signature_row if r.signature_row >= 0 else -1)
+        source = r.source.encode("utf-8")
+        self._spool.write(source + r.data)
+        self.sizes.extend((len(source), len(r.data)))
+
+    def label(self, i: int) -> str | None:
+        return self.label_names[self.label_ids[i]]
+
+    def key(self, i: int) -> bytes:
+        return bytes(self.keys[16 * i : 16 * i + 16])
+
+    def signature(self, i: int) -> np.ndarray | None:
+        at = self._signature_at[i]
+        return None if at < 0 else self._matrices[at >> 32][at & 0xFFFFFFFF]
+
+    def close(self) -> None:
+        self._spool.close()
+
+    def read(self) -> Iterator[tuple[int, str, str]]:
+        """(index, source, text) of every survivor, in order, from the spool."""
+        with open(self.path, "rb") as spool:
+            for i in range(len(self.ids)):
+                source, text = spool.read(self.sizes[2 * i]), spool.read(self.sizes[2 * i + 1])
+                yield i, source.decode("utf-8"), text.decode("utf-8")
 
 
 def assign_split(key: bytes, own_split: str | None, config: PrepareConfig) -> str:
@@ -204,11 +258,11 @@ def prepare(config: PrepareConfig, source: SourceConfig | None = None, clean: Cl
         return result
 
     try:
-        accounts, candidates = timed("read_clean", _read_and_clean, config, source, clean, dedup, work)
-        dropped = timed("dedup", _deduplicate, candidates, dedup, accounts, work / DROPPED_FILE)
-        _check_not_empty(accounts, config, clean, dedup)
-        tokenizer = timed("tokenizer", _get_tokenizer, config, work, candidates, dropped)
-        tokens = timed("tokenize", _tokenize, config, tokenizer, work, candidates, dropped)
+        accounts, survivors = timed("read_clean", _read_and_clean, config, source, clean, dedup, work)
+        duplicates = timed("dedup", _deduplicate, survivors, dedup, accounts)
+        _check_not_empty(accounts, config, clean)
+        tokenizer = timed("tokenizer", _get_tokenizer, config, work, survivors, duplicates)
+        tokens = timed("tokenize", _tokenize, config, tokenizer, work, survivors, duplicates)
         near = dict(zip(("bands", "rows"), lsh_params(dedup.near_threshold, dedup.num_perm)),
                     threshold=dedup.near_threshold, shingle_words=dedup.shingle_words)
         report = build_report(
@@ -227,16 +281,16 @@ def prepare(config: PrepareConfig, source: SourceConfig | None = None, clean: Cl
     return report
 
 
-def _read_and_clean(config, source, clean, dedup, work: Path):
-    """Stage 1: stream records through the workers; spool survivors' texts per split."""
+def _read_and_clean(config: PrepareConfig, source: SourceConfig, clean: CleanConfig, dedup: DedupConfig,
+                    work: Path) -> tuple[Accounts, dict[str, Survivors]]:
+    """Stage 1: stream records through the workers; keep the survivors, log the dropped."""
     accounts = Accounts()
-    candidates: dict[str, list[Cleaned]] = {s: [] for s in SPLITS}  # texts stripped: they are spooled
-    spools = {s: open(work / f"spool-{s}.bin", "wb") for s in SPLITS}  # survivors' texts, back to back
-    dropped = open(work / DROPPED_FILE, "w", encoding="utf-8")
+    survivors = {s: Survivors(work / f"spool-{s}.bin") for s in SPLITS}
     worker = partial(clean_documents, clean=clean, dedup=dedup, prepare=config)
     records = read_documents(source, progress=config.progress)
     try:
-        with Progress(desc="read+clean", unit="docs", enabled=config.progress) as bar:
+        with open(work / DROPPED_FILE, "w", encoding="utf-8") as dropped, \
+                Progress(desc="read+clean", unit="docs", enabled=config.progress) as bar:
             for results, signatures in parallel_map(worker, _batches(records), config.workers()):
                 for r in results:
                     accounts.outcomes[r.split, r.label, r.outcome] += 1
@@ -246,82 +300,80 @@ def _read_and_clean(config, source, clean, dedup, work: Path):
                         accounts.redacted[kind, "chars"] += chars
                     accounts.raw_bytes += r.raw_bytes
                     if r.outcome == "kept":
-                        spools[r.split].write(r.data)  # read back in order, r.data's length tells where
-                        signature = signatures[r.signature_row] if r.signature_row >= 0 else None
-                        candidates[r.split].append(r._replace(data=len(r.data), signature=signature))
+                        survivors[r.split].add(r, signatures)
                         continue
                     if r.outcome == "low_quality":
                         accounts.low_quality[r.detail] += 1
                     if r.outcome == "bad_record":
                         accounts.example("bad_record", {"source": r.source, "message": r.detail})
-                    _write_dropped(dropped, r, r.outcome)
+                    _log_dropped(dropped, r.id, r.split, r.label, r.source, r.outcome, detail=r.detail)
                 bar.update(len(results), bytes=sum(r.raw_bytes for r in results))
     finally:
-        for f in (*spools.values(), dropped):
-            f.close()
-    return accounts, candidates
+        for s in survivors.values():
+            s.close()
+    return accounts, survivors
 
 
-def _write_dropped(f, r: Cleaned, reason: str, duplicate_of: int | None = None) -> None:
-    row = {"id": r.id, "split": r.split, "label": r.label, "source": r.source, "reason": reason}
-    if r.detail is not None:
-        row["detail"] = r.detail
+def _log_dropped(f, doc_id: int, split: str, label: str | None, source: str, reason: str, *,
+                 detail: str | None = None, duplicate_of: int | None = None) -> None:
+    row = {"id": doc_id, "split": split, "label": label, "source": source, "reason": reason}
+    if detail is not None:
+        row["detail"] = detail
     if duplicate_of is not None:
         row["duplicate_of"] = duplicate_of
     f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _deduplicate(candidates: dict[str, list[Cleaned]], dedup: DedupConfig, accounts: Accounts,
-                 dropped_file: Path) -> set[int]:
-    """Stage 2: the ids of the candidates dropped as duplicates (each also logged in dropped.jsonl).
+def _deduplicate(survivors: dict[str, Survivors], dedup: DedupConfig, accounts: Accounts) -> dict[int, tuple]:
+    """Stage 2: {id: (reason, id of the copy kept)} for the survivors dropped as duplicates.
 
     Splits are walked test, val, train, so a copy in an evaluation split is the one kept. Exact
     copies are looked for before near ones, in the document's own split before earlier ones.
     """
     indexes = {s: DuplicateIndex(dedup.near_threshold, dedup.num_perm) for s in SPLITS}
     checks = [kind for kind, on in (("exact", dedup.exact_dedup), ("near", dedup.near_dedup)) if on]
-    dropped: set[int] = set()
-    with open(dropped_file, "a", encoding="utf-8") as log:
-        for position, split in enumerate(_DEDUP_ORDER):
-            for r in candidates[split]:
-                earlier = _DEDUP_ORDER[:position]
-                if dedup.cross_split_dedup:
-                    found = _search(indexes, (split, *earlier), checks, r)
-                else:  # a copy in its own split still decides; a copy elsewhere is only reported
-                    found = _search(indexes, (split,), checks, r) or _search(indexes, earlier, checks, r)
-                reason = None
-                if found is not None:
-                    kind, where, match = found
-                    reason = f"{kind}_duplicate"
-                    if where != split:
-                        accounts.overlap[split, where, kind] += 1
-                        accounts.example("cross_split", {"id": r.id, "source": r.source, "kind": kind,
-                                                         "split": split, "duplicate_of": match,
-                                                         "duplicate_split": where})
-                        reason = "cross_split_duplicate" if dedup.cross_split_dedup else None
-                if reason is None:
-                    indexes[split].add(r.id, r.key, r.signature)
-                    continue
-                dropped.add(r.id)
-                accounts.outcomes[r.split, r.label, "kept"] -= 1
-                accounts.outcomes[r.split, r.label, reason] += 1
-                _write_dropped(log, r, reason, duplicate_of=match)
+    dropped: dict[int, tuple] = {}
+    for position, split in enumerate(_DEDUP_ORDER):
+        docs, earlier = survivors[split], _DEDUP_ORDER[:position]
+        for i in range(len(docs)):
+            doc_id, key, signature = docs.ids[i], docs.key(i), docs.signature(i)
+            if dedup.cross_split_dedup:
+                found = _search(indexes, (split, *earlier), checks, key, signature)
+            else:  # a copy in its own split still decides; a copy elsewhere is only reported
+                found = _search(indexes, (split,), checks, key, signature) or \
+                    _search(indexes, earlier, checks, key, signature)
+            reason = None
+            if found is not None:
+                kind, where, match = found
+                reason = f"{kind}_duplicate"
+                if where != split:
+                    accounts.overlap[split, where, kind] += 1
+                    accounts.example("cross_split", {"id": doc_id, "split": split, "kind": kind,
+                                                     "duplicate_of": match, "duplicate_split": where})
+                    reason = "cross_split_duplicate" if dedup.cross_split_dedup else None
+            if reason is None:
+                indexes[split].add(doc_id, key, signature)
+                continue
+            dropped[doc_id] = (reason, match)
+            label = docs.label(i)
+            accounts.outcomes[split, label, "kept"] -= 1
+            accounts.outcomes[split, label, reason] += 1
     return dropped
 
 
-def _search(indexes: dict[str, DuplicateIndex], splits: tuple[str, ...], checks: list[str],
-            r: Cleaned) -> tuple[str, str, int] | None:
+def _search(indexes: dict[str, DuplicateIndex], splits: tuple[str, ...], checks: list[str], key: bytes,
+            signature: np.ndarray | None) -> tuple[str, str, int] | None:
     """The first (kind, split, id of the kept copy) found, exact copies before near ones."""
     for kind in checks:
         for where in splits:
             index = indexes[where]
-            match = index.find_exact(r.key) if kind == "exact" else index.find_near(r.signature)
+            match = index.find_exact(key) if kind == "exact" else index.find_near(signature)
             if match is not None:
                 return kind, where, match
     return None
 
 
-def _check_not_empty(accounts: Accounts, config: PrepareConfig, clean: CleanConfig, dedup: DedupConfig) -> None:
+def _check_not_empty(accounts: Accounts, config: PrepareConfig, clean: CleanConfig) -> None:
     """An empty result is an error that says which filters removed everything."""
     totals: Counter = Counter()
     for (split, _, outcome), n in accounts.outcomes.items():
@@ -344,24 +396,25 @@ def _check_not_empty(accounts: Accounts, config: PrepareConfig, clean: CleanConf
                         f"give the inputs a train split or pass --tokenizer")
 
 
-def _spooled(work: Path, split: str, candidates: list[Cleaned], dropped: set[int]) -> Iterator[tuple[Cleaned, str]]:
-    """The kept documents of a split with their texts, read back from the spool in order (each
-    candidate's `data` holds the length of its text there)."""
-    with open(work / f"spool-{split}.bin", "rb") as spool:
-        for r in candidates:
-            data = spool.read(r.data)
-            if r.id not in dropped:
-                yield r, data.decode("utf-8")
+def _kept(survivors: Survivors, duplicates: dict[int, tuple], log=None, split: str = "") -> Iterator[tuple]:
+    """(id, label, source, text) of a split's kept documents; the duplicates go to `log` if given."""
+    for i, source, text in survivors.read():
+        doc_id = survivors.ids[i]
+        if doc_id not in duplicates:
+            yield doc_id, survivors.label(i), source, text
+        elif log is not None:
+            reason, copy_of = duplicates[doc_id]
+            _log_dropped(log, doc_id, split, survivors.label(i), source, reason, duplicate_of=copy_of)
 
 
-def _get_tokenizer(config: PrepareConfig, work: Path, candidates, dropped) -> Tokenizer:
+def _get_tokenizer(config: PrepareConfig, work: Path, survivors: dict[str, Survivors],
+                   duplicates: dict[int, tuple]) -> Tokenizer:
     """Stage 3: the tokenizer given, or one trained on the kept train documents; saved to the output."""
     if config.tokenizer is not None:
         tokenizer = Tokenizer.load(config.tokenizer)
     else:
-        texts = (text for _, text in _spooled(work, "train", candidates["train"], dropped))
-        tokenizer = Tokenizer.train(texts, config.vocab_size, verbose=config.progress,
-                                    num_workers=config.workers())
+        texts = (text for *_, text in _kept(survivors["train"], duplicates))
+        tokenizer = Tokenizer.train(texts, config.vocab_size, verbose=config.progress, num_workers=config.workers())
     if tokenizer.eot_id is None:
         raise DataError(f"{config.tokenizer}: this tokenizer has no <|endoftext|> token, which prepare.py "
                         f"writes before every document")
@@ -369,37 +422,29 @@ def _get_tokenizer(config: PrepareConfig, work: Path, candidates, dropped) -> To
     return tokenizer
 
 
-def _tokenize(config: PrepareConfig, tokenizer: Tokenizer, work: Path, candidates, dropped) -> dict[str, int]:
-    """Stage 4: token files and documents.jsonl; returns the tokens written per split."""
-    kept = sum(1 for split in SPLITS for r in candidates[split] if r.id not in dropped)
+def _tokenize(config: PrepareConfig, tokenizer: Tokenizer, work: Path, survivors: dict[str, Survivors],
+              duplicates: dict[int, tuple]) -> dict[str, int]:
+    """Stage 4: token files and documents.jsonl (and the duplicates' lines of dropped.jsonl);
+    returns the tokens written per split."""
+    total = sum(len(s) for s in survivors.values()) - len(duplicates)
     tokens = {}
     eot, workers = tokenizer.eot_id, config.workers()
     with open(work / DOCUMENTS_FILE, "w", encoding="utf-8") as index, \
-            Progress(total=kept, desc="tokenize", unit="docs", enabled=config.progress) as bar:
+            open(work / DROPPED_FILE, "a", encoding="utf-8") as log, \
+            Progress(total=total, desc="tokenize", unit="docs", enabled=config.progress) as bar:
         for split in SPLITS:
             with TokenWriter(work / f"{split}.bin", tokenizer.vocab_size) as writer:
-                docs = _spooled(work, split, candidates[split], dropped)
-                while chunk := list(_take_chars(docs, max_docs=4096, max_chars=4 << 20)):
+                docs = _kept(survivors[split], duplicates, log, split)
+                while chunk := list(itertools.islice(docs, 2048)):
                     flat: list[int] = []
-                    encoded = tokenizer.encode_batch([text for _, text in chunk], num_workers=workers)
-                    for (r, _), ids in zip(chunk, encoded):
+                    encoded = tokenizer.encode_batch([text for *_, text in chunk], num_workers=workers)
+                    for (doc_id, label, source, _), ids in zip(chunk, encoded):
                         flat.append(eot)
-                        row = {"id": r.id, "split": split, "label": r.label, "offset": writer.num_tokens + len(flat),
-                               "length": len(ids), "source": r.source}
+                        row = {"id": doc_id, "split": split, "label": label, "offset": writer.num_tokens + len(flat),
+                               "length": len(ids), "source": source}
                         index.write(json.dumps(row, ensure_ascii=False) + "\n")
                         flat.extend(ids)
                     writer.write(np.asarray(flat, dtype=np.int64))
-                    bar.update(len(chunk), bytes=sum(len(text.encode("utf-8")) for _, text in chunk))
+                    bar.update(len(chunk), bytes=sum(len(text.encode("utf-8")) for *_, text in chunk))
             tokens[split] = writer.num_tokens
     return tokens
-
-
-def _take_chars(docs: Iterator[tuple[Cleaned, str]], max_docs: int, max_chars: int) -> Iterator[tuple[Cleaned, str]]:
-    """The next documents from `docs`, up to `max_docs` or about `max_chars` characters."""
-    chars = 0
-    for count, (r, text) in enumerate(docs, start=1):
-        yield r, text
-        chars += len(text)
-        if count >= max_docs or chars >= max_chars:
-            return
-

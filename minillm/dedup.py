@@ -154,29 +154,37 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
 
 class DuplicateIndex:
     """The documents kept so far, looked up by exact key and by LSH band; answers "is this new
-    document a duplicate of one already kept, and of which?"."""
+    document a duplicate of one already kept, and of which?".
+
+    Memory per kept document: its key, a reference to its signature, and one entry per band. A
+    band is keyed by a 64-bit hash of its rows (a collision only adds a candidate, which the full
+    signature then rejects), and a bucket holding one document holds the bare id, not a list.
+    """
 
     def __init__(self, threshold: float, num_perm: int):
         self.threshold = threshold
         self.bands, self.rows = lsh_params(threshold, num_perm)
         self.exact: dict[bytes, int] = {}
-        self.buckets: list[dict[bytes, list[int]]] = [{} for _ in range(self.bands)]
+        self.buckets: list[dict[int, int | list[int]]] = [{} for _ in range(self.bands)]
         self.signatures: dict[int, np.ndarray] = {}
+        self._mix = np.random.default_rng(0).integers(0, 2**63, size=self.rows, dtype=np.uint64) * 2 + 1
 
-    def _band_keys(self, signature: np.ndarray) -> list[bytes]:
-        r = self.rows
-        return [signature[i * r : (i + 1) * r].tobytes() for i in range(self.bands)]
+    def _band_keys(self, signature: np.ndarray) -> list[int]:
+        bands = signature[: self.bands * self.rows].reshape(self.bands, self.rows).astype(np.uint64)
+        with np.errstate(over="ignore"):
+            return (bands * self._mix).sum(axis=1, dtype=np.uint64).tolist()
 
     def find_exact(self, key: bytes) -> int | None:
         return self.exact.get(key)
 
-    def find_near(self, signature: np.ndarray) -> int | None:
+    def find_near(self, signature: np.ndarray | None) -> int | None:
         """A kept document whose estimated similarity to `signature` reaches the threshold, or None."""
-        if signature.size == 0:
+        if signature is None or signature.size == 0:
             return None
         seen: set[int] = set()
         for bucket, key in zip(self.buckets, self._band_keys(signature)):
-            for doc in bucket.get(key, ()):
+            hit = bucket.get(key)
+            for doc in (hit,) if isinstance(hit, int) else hit or ():
                 if doc not in seen:
                     seen.add(doc)
                     if estimated_jaccard(signature, self.signatures[doc]) >= self.threshold:
@@ -185,7 +193,14 @@ class DuplicateIndex:
 
     def add(self, doc: int, key: bytes, signature: np.ndarray | None) -> None:
         self.exact.setdefault(key, doc)
-        if signature is not None and signature.size:
-            self.signatures[doc] = signature
-            for bucket, band in zip(self.buckets, self._band_keys(signature)):
-                bucket.setdefault(band, []).append(doc)
+        if signature is None or signature.size == 0:
+            return
+        self.signatures[doc] = signature
+        for bucket, band in zip(self.buckets, self._band_keys(signature)):
+            hit = bucket.get(band)
+            if hit is None:
+                bucket[band] = doc
+            elif isinstance(hit, int):
+                bucket[band] = [hit, doc]
+            else:
+                hit.append(doc)
