@@ -103,16 +103,6 @@ def parse_input(spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
-def split_name(value: str, where: str) -> str | None:
-    """A split value from a record (train/val/test and their usual aliases); empty -> None."""
-    if not value.strip():
-        return None
-    try:
-        return SPLIT_NAMES[value.strip().lower()]
-    except KeyError:
-        raise DataError(f"{where}: split {value!r} is not one of train, val, test") from None
-
-
 def read_documents(config: SourceConfig, *, progress: bool = True) -> Iterator[Document | BadRecord]:
     """Every record of every input in order (the default corpus when there is none), up to `limit`."""
     inputs = [parse_input(spec) for spec in config.input]
@@ -154,7 +144,7 @@ def detect_format(name: str) -> str:
 def read_file(path: Path, name: str, split: str | None, config: SourceConfig) -> Iterator[Document | BadRecord]:
     """One file's records; `name` is what messages call it (the URL for a download)."""
     fmt = detect_format(name) if config.format == "auto" else config.format
-    if fmt == "json" and _first_char(path, name) != "[":
+    if fmt == "json" and _first_char(path) != "[":
         fmt = "jsonl"  # a .json file of one object per line
     reader = {"text": _read_text, "jsonl": _read_jsonl, "json": _read_json_array}.get(fmt)
     if reader is not None:
@@ -173,7 +163,7 @@ def _open(path: Path):
     return gzip.open(path, "rb") if gzipped else open(path, "rb")
 
 
-def _first_char(path: Path, name: str) -> str:
+def _first_char(path: Path) -> str:
     with _open(path) as f:
         head = f.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
     return head[:1]
@@ -187,7 +177,7 @@ class _Lines:
         self.path, self.name, self.on_bad = path, name, on_bad
         self.lineno = 0  # the line last read
         self.record_start: int | None = None  # first line of the record being read (CSV)
-        self.bad: list[tuple[int, str]] = []
+        self.bad: list[tuple[str, str]] = []  # (where, problem) of undecodable lines not yet reported
 
     def __iter__(self) -> Iterator[str]:
         try:
@@ -197,11 +187,11 @@ class _Lines:
                     try:
                         line = raw.decode("utf-8")
                     except UnicodeDecodeError as err:
-                        message = (f"{self.name}:{self.lineno}: bytes are not UTF-8 (byte 0x{raw[err.start]:02x} "
-                                   f"at column {err.start + 1})")
+                        where = f"{self.name}:{self.lineno}"
+                        problem = f"bytes are not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
                         if self.on_bad == "error":
-                            raise DataError(message) from None
-                        self.bad.append((self.lineno, message))
+                            raise DataError(f"{where}: {problem}") from None
+                        self.bad.append((where, problem))
                         continue
                     if self.lineno == 1:
                         line = line.removeprefix("\ufeff")
@@ -215,35 +205,40 @@ class _Lines:
         start, self.record_start = self.record_start, None
         return start if start is not None else self.lineno
 
+    def drain(self, split: str | None, config: SourceConfig) -> Iterator[BadRecord]:
+        """The undecodable lines met since the last call, as bad records."""
+        yield from (_bad(where, problem, split, config) for where, problem in self.bad)
+        self.bad.clear()
 
-def _bad(message: str, split: str | None, config: SourceConfig) -> BadRecord:
+
+def _bad(where: str, problem: str, split: str | None, config: SourceConfig) -> BadRecord:
+    """A bad record at `where` (file:line): raised as a DataError, or returned with on_bad=skip."""
     if config.on_bad == "error":
-        raise DataError(message)
-    return BadRecord(message.split(": ", 1)[0], message, split)
+        raise DataError(f"{where}: {problem}")
+    return BadRecord(where, f"{where}: {problem}", split)
 
 
 def _record_document(record, where: str, split: str | None, config: SourceConfig) -> Document | BadRecord:
     """A JSON object or CSV row (as a dict) -> Document, checking the configured fields."""
     if not isinstance(record, dict):
-        return _bad(f"{where}: expected a JSON object, got {type(record).__name__}", split, config)
+        return _bad(where, f"expected a JSON object, got {type(record).__name__}", split, config)
     for key in (config.text_field, config.label_field, config.split_field):
         if key and key not in record:
             fields = ", ".join(map(str, record)) or "(none)"
-            return _bad(f"{where}: field {key!r} is missing; the record has fields: {fields}", split, config)
+            return _bad(where, f"field {key!r} is missing; the record has fields: {fields}", split, config)
     text = record[config.text_field]
     if text is None:
         text = ""  # a null text is an empty document (reported as such), not a malformed record
     if not isinstance(text, str):
-        return _bad(f"{where}: field {config.text_field!r} holds a {type(text).__name__}, expected a string",
+        return _bad(where, f"field {config.text_field!r} holds a {type(text).__name__}, expected a string",
                     split, config)
     label = record[config.label_field] if config.label_field else None
     label = None if label is None or label == "" else str(label)
-    if config.split_field and record[config.split_field] is not None:
-        try:
-            split = split_name(str(record[config.split_field]), f"{where}: field {config.split_field!r}") or split
-        except DataError as err:
-            return _bad(str(err), split, config)
-    return Document(text, where, label, split)
+    value = str(record[config.split_field] or "").strip() if config.split_field else ""
+    if value and value.lower() not in SPLIT_NAMES:
+        return _bad(where, f"field {config.split_field!r}: split {value!r} is not one of train, val, test",
+                    split, config)
+    return Document(text, where, label, SPLIT_NAMES[value.lower()] if value else split)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,24 +263,20 @@ def _read_table(path: Path, name: str, split: str | None, config: SourceConfig,
             break
         except csv.Error as err:
             row, error = None, str(err)
-        for lineno, message in lines.bad:
-            yield _bad(message, split, config)
-        lines.bad.clear()
+        yield from lines.drain(split, config)
         where = f"{name}:{lines.take_start()}"
         if error is not None:
-            yield _bad(f"{where}: {error}", split, config)
+            yield _bad(where, error, split, config)
         elif not row:
             continue  # a blank line is not a record
         elif header is None:
             header = row
             _check_columns(header, f"{where}: the header", config)
         elif len(row) != len(header):
-            yield _bad(f"{where}: expected {len(header)} fields ({', '.join(header)}), got {len(row)}",
-                       split, config)
+            yield _bad(where, f"expected {len(header)} fields ({', '.join(header)}), got {len(row)}", split, config)
         else:
             yield _record_document(dict(zip(header, row)), where, split, config)
-    for lineno, message in lines.bad:  # undecodable lines at the very end
-        yield _bad(message, split, config)
+    yield from lines.drain(split, config)  # undecodable lines at the very end
 
 
 def _check_columns(header: list[str], where: str, config: SourceConfig) -> None:
@@ -299,20 +290,17 @@ def _check_columns(header: list[str], where: str, config: SourceConfig) -> None:
 def _read_jsonl(path: Path, name: str, split: str | None, config: SourceConfig) -> Iterator[Document | BadRecord]:
     lines = _Lines(path, name, config.on_bad)
     for line in lines:
-        for lineno, message in lines.bad:
-            yield _bad(message, split, config)
-        lines.bad.clear()
+        yield from lines.drain(split, config)
         if not line.strip():
             continue
         where = f"{name}:{lines.lineno}"
         try:
             record = json.loads(line.rstrip("\r\n"))
         except json.JSONDecodeError as err:  # its messages end in " at": "Unterminated string starting at"
-            yield _bad(f"{where}: malformed JSON ({err.msg.removesuffix(' at')} at column {err.colno})", split, config)
+            yield _bad(where, f"malformed JSON ({err.msg.removesuffix(' at')} at column {err.colno})", split, config)
             continue
         yield _record_document(record, where, split, config)
-    for lineno, message in lines.bad:
-        yield _bad(message, split, config)
+    yield from lines.drain(split, config)
 
 
 def _read_json_array(path: Path, name: str, split: str | None,
@@ -387,14 +375,13 @@ def _read_text(path: Path, name: str, split: str | None, config: SourceConfig) -
             yield Document(data.decode("utf-8").removeprefix("\ufeff"), name, None, split)
         except UnicodeDecodeError as err:
             lineno = data.count(b"\n", 0, err.start) + 1
-            yield _bad(f"{name}:{lineno}: bytes are not UTF-8 (byte 0x{data[err.start]:02x})", split, config)
+            yield _bad(f"{name}:{lineno}", f"bytes are not UTF-8 (byte 0x{data[err.start]:02x})", split, config)
         return
     lines = _Lines(path, name, config.on_bad)
     if sep == "blank":  # paragraphs: runs of non-blank lines
         paragraph, start = [], 1
         for line in lines:
-            yield from (_bad(message, split, config) for _, message in lines.bad)
-            lines.bad.clear()
+            yield from lines.drain(split, config)
             if line.strip():
                 if not paragraph:
                     start = lines.lineno
@@ -408,8 +395,7 @@ def _read_text(path: Path, name: str, split: str | None, config: SourceConfig) -
         literal = "\n" if sep == "line" else sep.replace("\\n", "\n").replace("\\t", "\t")
         buffer, start = "", 1
         for line in lines:
-            yield from (_bad(message, split, config) for _, message in lines.bad)
-            lines.bad.clear()
+            yield from lines.drain(split, config)
             search_from = max(0, len(buffer) - len(literal) + 1)  # never rescan what was searched
             buffer += line
             while (cut := buffer.find(literal, search_from)) >= 0:
@@ -419,7 +405,7 @@ def _read_text(path: Path, name: str, split: str | None, config: SourceConfig) -
                 start += piece.count("\n") + literal.count("\n")
         if buffer.strip():
             yield Document(buffer, f"{name}:{start}", None, split)
-    yield from (_bad(message, split, config) for _, message in lines.bad)
+    yield from lines.drain(split, config)
 
 
 # ---------------------------------------------------------------------------------------------
