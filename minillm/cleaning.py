@@ -24,7 +24,8 @@ processes, so each takes its settings as arguments and touches nothing global):
    like a phone number. Phone numbers are a heuristic (see `_looks_like_phone`): international
    (+44 20 7946 0958), grouped ((555) 123-4567, 555.123.4567, 1-800-555-0199, 07700 900123) and
    national numbers written as one run starting with 0 (09061701461); a bare 10-digit run such as
-   2147483647 and a date with its hour (1994-02-03 14:15) are left alone. Four dotted numbers up
+   2147483647, a date with its hour (1994-02-03 14:15) and a year range followed by a number
+   (1940-1944 17) are left alone. Four dotted numbers up
    to 255 are taken for an IPv4 address, version numbers such as 2.7.2.2 included.
 3. `quality_problem(text, config)` -> None or the reason to drop: "empty", "too_short", or
    "low_quality" with the detail ("letter_share": too few letters among the visible characters,
@@ -155,12 +156,12 @@ def normalize(text: str, config: CleanConfig) -> tuple[str, list[str]]:
 _EMAIL = re.compile(r"[A-Za-z0-9](?<![\w.%+-][A-Za-z0-9])[A-Za-z0-9._%+-]*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
                     r"\.[A-Za-z]{2,}\b")
 # one run of 13-19 digits, or grouped as cards are printed: 4-4-4-4(-3) or 4-6-4/5 (Amex, Diners)
-_CARD = re.compile(r"\d(?<![\d.,-]\d)(?:\d{12,18}|\d{3}(?:[ -]\d{4}){3}(?:[ -]\d{1,3})?|\d{3}[ -]\d{6}[ -]\d{4,5})"
+_CARD = re.compile(r"\d(?<![\d.,=/-]\d)(?:\d{12,18}|\d{3}(?:[ -]\d{4}){3}(?:[ -]\d{1,3})?|\d{3}[ -]\d{6}[ -]\d{4,5})"
                    r"(?!\d|[.,]\d)")
 _IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
                    r"(?![\w]|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:.\[])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])")
-_PHONE = re.compile(r"(?<![\w+./:-])(?:\+[1-9]\d{0,2}[ .-]?)?(?:\(\d{1,5}\)[ .-]?)?\d+(?:[ .-]\d+){0,5}"
+_PHONE = re.compile(r"(?<![\w+.,/:-])(?:\+[1-9]\d{0,2}[ .-]?)?(?:\(\d{1,5}\)[ .-]?)?\d+(?:[ .-]\d+){0,5}"
                     r"(?![\w]|[.:/-]\d)")
 _HINTS = {"email": re.compile("@"), "card": re.compile(r"\d{4}"), "ip": re.compile(r"\d\.\d{1,3}\.\d|:[0-9A-Fa-f]{0,4}:"),
           "phone": re.compile(r"\d[\d ().-]{5,}\d")}
@@ -195,18 +196,27 @@ def _is_ipv6(match: str) -> bool:
 
 
 def _looks_like_phone(match: str) -> bool:
+    """The digit groups of a candidate make a phone number? International numbers (+44 ...) are
+    taken as written; national ones need 10-15 digits in at most four groups of 2-8 digits (a
+    leading 1, the US trunk prefix, aside) ending in a group of 3 or more (1-800-555-0199,
+    (555) 123-4567, 07700 900123), or the French 01 23 45 67 89. That leaves year ranges with a
+    number after them (1940-1944 17), lottery numbers (4 8 15 16 23 42) and decimals alone."""
     groups = re.findall(r"\d+", match)
     digits = sum(len(g) for g in groups)
-    international = match.startswith("+")
-    if len(groups) == 1:  # one unbroken run: only a national number with its leading 0, or +...
-        return (8 <= digits <= 15) if international else (match.startswith("0") and 10 <= digits <= 12)
-    if not (8 if international else 10) <= digits <= 15:
+    if match.startswith("+"):
+        return 8 <= digits <= 15
+    if len(groups) == 1:  # one unbroken run: only a national number with its trunk 0 (09061701461)
+        return match.startswith("0") and 10 <= digits <= 12
+    if not 10 <= digits <= 15:
         return False
-    if len(groups) == 2 and not (international or match.startswith(("0", "("))):
-        return False  # two groups need a trunk 0, a +country or an (area): 33471-90901 is a part number
-    if "." in match:  # 555.123.4567, never 3.14159265
-        return all(2 <= len(g) <= 4 for g in groups)
-    return all(len(g) <= 8 for g in groups)
+    if len(groups) >= 5:
+        return match.startswith("0") and all(len(g) == 2 for g in groups)
+    if len(groups) == 2 and not match.startswith(("0", "(")):
+        return False  # two groups need a trunk 0 or an (area): 33471-90901 is a part number
+    if "." in match and not all(2 <= len(g) <= 4 for g in groups):
+        return False  # 555.123.4567, never 3.14159265
+    inner = groups[1:] if groups[0] == "1" else groups
+    return all(2 <= len(g) <= 8 for g in inner) and len(groups[-1]) >= 3
 
 
 # kind -> [(pattern, check on the match or None)], tried in order

@@ -66,6 +66,7 @@ def test_normalize_is_idempotent(text):
     ("call 1-800-555-0199 now", "phone"),
     ("call 07700 900123 now", "phone"),
     ("txt 09061701461 to claim", "phone"),
+    ("appelez le 01 23 45 67 89", "phone"),
 ])
 def test_redacts(text, kind):
     out, found = redact(text)
@@ -81,6 +82,8 @@ def test_redacts(text, kind):
     "short groups 01 012 0123 and 12 34 56 78",
     "slices a[1:2:3] and a[::2], times 10:30:00, the address of @property",
     "part no 33471-90901 and version 3.11.4",
+    "Britain 1940-1941 16: Inside the Reich, numbers 4 8 15 16 23 42, 12,00000000000 years",
+    "http://video.google.com/videoplay?docid=211772166650071408&hl=en",
 ])
 def test_does_not_redact(text):
     assert redact(text) == (text, {})
