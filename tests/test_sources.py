@@ -2,6 +2,7 @@
 corpus, streaming in flat memory, and bad input named by file, line and field."""
 
 import collections
+import csv
 import functools
 import gzip
 import http.server
@@ -11,6 +12,8 @@ import threading
 import tracemalloc
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from minillm.default_corpus import default_corpus, module_docstrings
 from minillm.sources import BadRecord, DataError, Document, SourceConfig, fetch, parse_input, read_documents
@@ -241,3 +244,26 @@ def test_default_corpus_is_pythons_own_english_text():
     assert len(set(sources)) == len(sources) and "stdlib:json/__init__.py" in sources
     assert not any("site-packages" in s or "/test/" in s for s in sources)
     assert any("JSON" in d.text for d in docs if d.source == "stdlib:json/__init__.py")
+
+
+records = st.lists(st.tuples(st.text(st.characters(exclude_categories=["Cs"]), max_size=40),
+                             st.sampled_from(["pos", "neg", "1"])), max_size=8)
+
+
+@given(rows=records)
+def test_round_trip_through_every_record_format(tmp_path_factory, rows):
+    """Whatever the text (quotes, commas, newlines, NUL, any script), what a standard writer wrote
+    is what comes back, with its label and in order, from CSV, JSON Lines, a JSON array, and gzip."""
+    folder = tmp_path_factory.mktemp("formats")
+    with open(folder / "a.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    objects = [{"text": text, "label": label} for text, label in rows]
+    (folder / "a.jsonl").write_text("".join(json.dumps(o) + "\n" for o in objects), encoding="utf-8")
+    (folder / "a.json").write_text(json.dumps(objects, indent=1, ensure_ascii=False), encoding="utf-8")
+    with gzip.open(folder / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objects))
+    for name in ("a.csv", "a.jsonl", "a.json", "b.jsonl.gz"):
+        docs = list(read_documents(SourceConfig(input=[str(folder / name)], label_field="label"), progress=False))
+        assert [(d.text, d.label) for d in docs] == rows, name

@@ -27,6 +27,16 @@ def test_round_trip_both_widths(tmp_path, vocab_size, dtype):
     assert not tf.tokens.flags.writeable
 
 
+@given(vocab_size=st.integers(1, 2**32), data=st.data())
+def test_round_trip_property(tmp_path_factory, vocab_size, data):
+    ids = data.draw(st.lists(st.integers(0, vocab_size - 1), max_size=50))
+    path = tmp_path_factory.mktemp("tf") / "x.bin"
+    write_tokens(path, np.array(ids, dtype=np.int64), vocab_size)
+    tf = TokenFile(path)
+    assert tf.tokens.tolist() == ids and tf.vocab_size == vocab_size
+    assert tf.dtype == (np.uint16 if vocab_size <= 65536 else np.uint32)
+
+
 def test_header_layout_is_the_documented_one(tmp_path):
     write_tokens(tmp_path / "x.bin", [5, 6, 7], 300)
     raw = (tmp_path / "x.bin").read_bytes()
