@@ -58,7 +58,7 @@ from minillm.tokenizer import TOKENIZER_FILE, Tokenizer
 
 # what training, evaluation and prepare.py use from here; the token-file reader and the report live
 # in their own modules and are re-exported so `from minillm.data import TokenFile` works
-__all__ = ["PrepareConfig", "prepare", "TokenFile", "random_windows", "eval_windows", "load_report",
+__all__ = ["PrepareConfig", "prepare", "iter_documents", "TokenFile", "random_windows", "eval_windows", "load_report",
            "format_report", "check_accounting", "DataError", "REASONS", "DOCUMENTS_FILE", "DROPPED_FILE",
            "REPORT_FILE"]
 DOCUMENTS_FILE, DROPPED_FILE = "documents.jsonl", "dropped.jsonl"
@@ -448,3 +448,21 @@ def _tokenize(config: PrepareConfig, tokenizer: Tokenizer, work: Path, survivors
                     bar.update(len(chunk), bytes=sum(len(text.encode("utf-8")) for *_, text in chunk))
             tokens[split] = writer.num_tokens
     return tokens
+
+
+def iter_documents(folder: str | Path, split: str) -> Iterator[tuple[dict, np.ndarray]]:
+    """(index row, token ids) of each kept document of a split in a prepared folder, in order: how
+    classification finetuning finds labelled documents (`row["label"]`). The ids are a read-only
+    view into the memory-mapped token file, without the <|endoftext|> before them."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    tokens = TokenFile(Path(folder) / f"{split}.bin").tokens
+    path = Path(folder) / DOCUMENTS_FILE
+    try:
+        with open(path, encoding="utf-8") as index:
+            for line in index:
+                row = json.loads(line)
+                if row["split"] == split:
+                    yield row, tokens[row["offset"] : row["offset"] + row["length"]]
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found: {folder} is not a prepared folder") from None

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from minillm.cleaning import CleanConfig, normalize, redact
 from minillm.data import (REASONS, DataError, PrepareConfig, TokenFile, assign_split, check_accounting, format_report,
-                          load_report, prepare, random_windows)
+                          iter_documents, load_report, prepare, random_windows)
 from minillm.dedup import DedupConfig, exact_key
 from minillm.sources import SourceConfig
 from minillm.tokenizer import Tokenizer
@@ -111,6 +111,10 @@ def test_end_to_end_outputs_decode_back_to_the_cleaned_documents(tmp_path):
             assert tokenizer.decode(tokens[doc["offset"] : doc["offset"] + doc["length"]].tolist()) == expected
             assert doc["label"] == rows[doc["id"]]["label"]
     assert "[EMAIL]" in tokenizer.decode(TokenFile(out / "train.bin").tokens.tolist())
+    test_docs = list(iter_documents(out, "test"))
+    assert [row["id"] for row, _ in test_docs] == [4, 5] + ([12] if hash_split == "test" else [])
+    assert [row["label"] for row, _ in test_docs][:2] == ["pos", "neg"]
+    assert tokenizer.decode(test_docs[1][1].tolist()) == rows[5]["text"]
     assert not (out / ".prepare-tmp").exists()
     assert load_report(out) == report
     table = format_report(report)
