@@ -245,16 +245,21 @@ def test_prepare_script_on_imdb_slices(shared_data, tmp_path):
     assert stats.returncode == 0 and stats.stdout.strip() == format_report(report)
 
 
-def test_prepare_script_default_corpus_and_errors(tmp_path):
-    result = script("--limit", "40", "--vocab_size", "300", "--no-progress", cwd=tmp_path)  # the embedded corpus
-    assert result.returncode == 0, result.stderr
-    report = load_report(tmp_path / "data" / "corpus")
+def test_prepare_main_default_corpus_and_errors(tmp_path, monkeypatch, capsys):
+    """prepare.main() in this process (the script itself runs above): the embedded corpus with no
+    input, and the exit status and one-line message for bad input and bad options."""
+    import prepare as prepare_script
+
+    monkeypatch.chdir(tmp_path)
+    assert prepare_script.main(["--limit", "40", "--vocab_size", "300", "--no-progress", "--num_workers", "1"]) == 0
+    report = load_report(tmp_path / "data" / "corpus")  # the default --out
     assert report["totals"]["read"] == 40 and report["rows"][0]["label"] == "pydoc-topic"
+    assert "pydoc-topic" in capsys.readouterr().out
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": "oops"}\n')
-    result = script("--input", "bad.jsonl", "--out", "x", cwd=tmp_path)
-    assert result.returncode == 1
-    assert result.stderr.strip().endswith("bad.jsonl:2: field 'text' is missing; the record has fields: txt")
-    result = script("--inptu", "a", cwd=tmp_path)
-    assert result.returncode == 2 and "did you mean --input?" in result.stderr
-    result = script("--stats", "nowhere", cwd=tmp_path)
-    assert result.returncode == 1 and "not a prepared folder" in result.stderr
+    assert prepare_script.main(["--input", "bad.jsonl", "--out", "x"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress line
+    assert err == "prepare.py: error: bad.jsonl:2: field 'text' is missing; the record has fields: txt"
+    assert prepare_script.main(["--stats", "nowhere"]) == 1 and "not a prepared folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        prepare_script.main(["--inptu", "a"])
+    assert info.value.code == 2 and "did you mean --input?" in capsys.readouterr().err
