@@ -411,7 +411,10 @@ def _get_tokenizer(config: PrepareConfig, work: Path, survivors: dict[str, Survi
                    duplicates: dict[int, tuple]) -> Tokenizer:
     """Stage 3: the tokenizer given, or one trained on the kept train documents; saved to the output."""
     if config.tokenizer is not None:
-        tokenizer = Tokenizer.load(config.tokenizer)
+        try:
+            tokenizer = Tokenizer.load(config.tokenizer)
+        except (OSError, ValueError) as err:  # missing, damaged or of an unknown version
+            raise DataError(f"--tokenizer {config.tokenizer}: cannot load it: {err}") from None
     else:
         texts = (text for *_, text in _kept(survivors["train"], duplicates))
         tokenizer = Tokenizer.train(texts, config.vocab_size, verbose=config.progress, num_workers=config.workers())

@@ -260,6 +260,9 @@ def test_prepare_main_default_corpus_and_errors(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress line
     assert err == "prepare.py: error: bad.jsonl:2: field 'text' is missing; the record has fields: txt"
     assert prepare_script.main(["--stats", "nowhere"]) == 1 and "not a prepared folder" in capsys.readouterr().err
+    (tmp_path / "broken.bpe").write_text("not a tokenizer")
+    assert prepare_script.main(["--limit", "5", "--tokenizer", "broken.bpe", "--no-progress"]) == 1
+    assert "--tokenizer broken.bpe: cannot load it" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         prepare_script.main(["--inptu", "a"])
     assert info.value.code == 2 and "did you mean --input?" in capsys.readouterr().err
