@@ -35,6 +35,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from array import array
 from collections import Counter, deque
@@ -228,8 +229,9 @@ def parallel_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
     if workers <= 1:
         yield from map(fn, items)
         return
-    # fork: workers start in milliseconds and inherit the imported modules (spawn would re-import torch)
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+    # fork where it is safe (Linux): workers start in milliseconds with the modules already imported;
+    # elsewhere the platform's default (spawn), which re-imports minillm in each worker
+    method = "fork" if sys.platform.startswith("linux") else None
     with multiprocessing.get_context(method).Pool(workers) as pool:
         pending: deque = deque()
         for item in items:
