@@ -26,6 +26,7 @@ order (test, then val, then train; in reading order within each) and asks it abo
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,43 +75,52 @@ _BYTE_MIX = np.uint64(0x100000001B3)  # odd: invertible mod 2^64 (the FNV-1 64-b
 _BYTE_MIX_INVERSE = np.uint64(pow(0x100000001B3, -1, 2**64))
 
 
-def word_hashes(text: str) -> np.ndarray:
+def byte_powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(M^j, M^-j) mod 2^64 for j = 0 .. n-1, M the byte-mixing constant."""
+    factors = np.full((2, max(n, 1)), [[_BYTE_MIX], [_BYTE_MIX_INVERSE]], dtype=np.uint64)
+    factors[:, 0] = 1
+    with np.errstate(over="ignore"):
+        powers = np.cumprod(factors, axis=1)
+    return powers[0], powers[1]
+
+
+def word_hashes(text: str, powers: Callable[[int], tuple[np.ndarray, np.ndarray]] = byte_powers) -> np.ndarray:
     """A 64-bit hash of each word of the lowercased text, in order, computed without a Python loop.
 
-    Word i spanning bytes [s, e) hashes to sum(b[j] * M^(j - s) for j in [s, e)) mod 2^64: from
-    prefix sums P[e] - P[s] of b[j] * M^j, scaled back by M^-s (M is odd, so M^-1 mod 2^64 exists;
-    numpy's uint64 arithmetic wraps mod 2^64, exactly what this needs).
+    Word i spanning bytes [s, e) hashes to sum((b[j] + 1) * M^(j - s) for j in [s, e)) mod 2^64:
+    from prefix sums P[e] - P[s] of (b[j] + 1) * M^j, scaled back by M^-s (M is odd, so M^-1 mod
+    2^64 exists; numpy's uint64 arithmetic wraps mod 2^64, exactly what this needs). `powers(n)`
+    gives at least n powers (MinHasher passes a cached table).
     """
     data = np.frombuffer(text.lower().encode("utf-8"), dtype=np.uint8)
-    in_word = _WORD_BYTES[data]
-    edges = np.diff(in_word.astype(np.int8), prepend=np.int8(0), append=np.int8(0))
-    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    if starts.size == 0:
+    in_word = np.zeros(data.size + 2, dtype=bool)
+    in_word[1:-1] = _WORD_BYTES[data]
+    edges = np.flatnonzero(in_word[1:] != in_word[:-1])  # alternately where a word starts and ends
+    if edges.size == 0:
         return np.zeros(0, dtype=np.uint64)
-    factors = np.full(data.size, _BYTE_MIX, dtype=np.uint64)
-    factors[0] = 1
-    inverse_factors = np.full(data.size, _BYTE_MIX_INVERSE, dtype=np.uint64)
-    inverse_factors[0] = 1
+    starts, ends = edges[0::2], edges[1::2]
+    power, inverse = powers(data.size)
+    prefix = np.zeros(data.size + 1, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        powers, inverse_powers = np.cumprod(factors), np.cumprod(inverse_factors)  # M^j, M^-j
-        prefix = np.zeros(data.size + 1, dtype=np.uint64)
-        np.cumsum((data + np.uint64(1)) * powers, out=prefix[1:])
-        return (prefix[ends] - prefix[starts]) * inverse_powers[starts]
+        np.cumsum((data + np.uint64(1)) * power[: data.size], out=prefix[1:])
+        return (prefix[ends] - prefix[starts]) * inverse[starts]
 
 
-def shingle_hashes(text: str, shingle_words: int) -> np.ndarray:
+def shingle_hashes(text: str, shingle_words: int,
+                   powers: Callable[[int], tuple[np.ndarray, np.ndarray]] = byte_powers) -> np.ndarray:
     """64-bit hashes of the word shingles of `text` (lowercased), repeats included (the minimum
     over a set does not change when members repeat); a text with fewer words than a shingle is
     one shingle. Empty when the text has no words."""
-    words = word_hashes(text)
+    words = word_hashes(text, powers)
     if words.size == 0:
         return words
     k = min(shingle_words, words.size)
     n = words.size - k + 1
-    mixed = np.zeros(n, dtype=np.uint64)
+    mixed = words[:n].copy()
     with np.errstate(over="ignore"):
-        for j in range(k):  # a polynomial in _SHINGLE_MIX, wrapping mod 2^64: order-sensitive
-            mixed = mixed * _SHINGLE_MIX + words[j : j + n]
+        for j in range(1, k):  # a polynomial in _SHINGLE_MIX, wrapping mod 2^64: order-sensitive
+            mixed *= _SHINGLE_MIX
+            mixed += words[j : j + n]
     return mixed
 
 
@@ -122,15 +132,24 @@ class MinHasher:
         self.a = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
         self.b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
         self.shingle_words = shingle_words
+        self._powers = byte_powers(1 << 14)
+
+    def powers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """At least n byte powers, from a table that doubles when a longer text comes."""
+        if n > len(self._powers[0]):
+            self._powers = byte_powers(max(n, 2 * len(self._powers[0])))
+        return self._powers
 
     def signature(self, text: str) -> np.ndarray:
         """(num_perm,) uint32 minima; empty when the text has no words (never a near-duplicate)."""
-        shingles = shingle_hashes(text, self.shingle_words)
+        shingles = shingle_hashes(text, self.shingle_words, self.powers)
         if shingles.size == 0:
             return _EMPTY
         with np.errstate(over="ignore"):
-            hashed = (shingles[:, None] * self.a[None, :] + self.b[None, :]) >> np.uint64(32)
-        return hashed.min(axis=0).astype(np.uint32)
+            hashed = np.multiply.outer(shingles, self.a)  # (shingles, num_perm), wrapping mod 2^64
+            hashed += self.b
+        # the top 32 bits of the smallest value are the smallest top 32 bits: shift 128 values, not all
+        return (hashed.min(axis=0) >> np.uint64(32)).astype(np.uint32)
 
 
 def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
