@@ -5,9 +5,12 @@ an `impl` argument:
 
 - "torch": PyTorch's own ops (`F.layer_norm`, `F.scaled_dot_product_attention`). Runs everywhere, any
   dtype, float64 included, so gradcheck and CPU training use it.
-- "triton": the fused kernels in `kernels/`. Raises a clear error when they cannot run the input.
+- "triton": the fused kernels in `kernels/`. Raises a clear error when they cannot run the input
+  (Triton missing, CPU tensors without TRITON_INTERPRET=1, a dtype or shape outside the kernel's
+  spec, attention dropout, which the kernel does not implement).
 - "auto": Triton for CUDA tensors when Triton imports and the kernel supports the input, PyTorch
-  otherwise. This is the default.
+  otherwise. This is the default. CPU tensors always take PyTorch here, even under TRITON_INTERPRET=1:
+  the interpreter is a testing tool, far too slow for real work.
 
 The choice is an argument, never a global switch, so two models in one process can differ and a test
 can force either path.
@@ -18,6 +21,8 @@ causal mask; for Tq < Tk it is what decoding with a KV cache needs (the new quer
 """
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +35,30 @@ def check_impl(impl: str) -> None:
         raise ValueError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
 
 
+def _kernel(name: str, impl: str, first_tensor: torch.Tensor, reason_args: tuple, extra_reason: str | None = None):
+    """The `kernels.<name>` module when `impl` asks for Triton and it can run the input, else None.
+
+    Imported lazily: `impl="torch"` and CPU tensors under "auto" never import Triton. With
+    impl="triton", a reason it cannot run becomes a ValueError.
+    """
+    if impl == "torch" or (impl == "auto" and first_tensor.device.type != "cuda"):
+        return None
+    reason = extra_reason
+    module = None
+    if reason is None:
+        try:
+            module = importlib.import_module(f"kernels.{name}")
+        except ImportError as err:  # no triton installed, or a broken install
+            reason = f"Triton is not importable ({err})"
+        else:
+            reason = module.unsupported_reason(*reason_args)
+    if reason is None:
+        return module
+    if impl == "triton":
+        raise ValueError(f"{name} impl='triton' cannot run this input: {reason}")
+    return None
+
+
 def layer_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -39,6 +68,9 @@ def layer_norm(
 ) -> torch.Tensor:
     """LayerNorm over the last dimension of `x` (..., C) with `weight` and optional `bias` (C,)."""
     check_impl(impl)
+    kernel = _kernel("layernorm", impl, x, (x, weight, bias))
+    if kernel is not None:
+        return kernel.layer_norm(x, weight, bias, eps, use_triton=True)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
@@ -65,6 +97,10 @@ def attention(
     t_q, t_k = q.shape[2], k.shape[2]
     if causal and t_q > t_k:
         raise ValueError(f"causal attention needs at least as many keys as queries; got Tq={t_q}, Tk={t_k}")
+    no_dropout = None if dropout_p == 0.0 else f"dropout_p={dropout_p}: the kernel has no dropout (use impl='torch')"
+    kernel = _kernel("attention", impl, q, (q, k, v, causal), no_dropout)
+    if kernel is not None:
+        return kernel.flash_attention(q, k, v, causal=causal, use_triton=True)
     if not causal or t_q == t_k:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal and t_q > 1)
     # Tq < Tk: SDPA's is_causal aligns the mask to the start, so build the end-aligned one ourselves
