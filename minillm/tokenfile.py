@@ -34,8 +34,12 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where windows are made: preparing data needs no torch
+    import torch
 
 MAGIC = b"MLLMTOK\x00"
 VERSION = 1
@@ -164,6 +168,8 @@ def random_windows(tokens, batch_size: int, block_size: int, generator: torch.Ge
     from `torch.randint(..., generator=generator)`, so a seeded CPU generator repeats the batches
     exactly (and its state can be saved in a checkpoint to resume them).
     """
+    import torch
+
     array, name = _array(tokens)
     if len(array) < block_size + 1:
         raise ValueError(f"{name}: {len(array):,} tokens is too few for windows of block_size {block_size} "
@@ -188,6 +194,8 @@ def eval_windows(tokens, batch_size: int, block_size: int, stride: int | None = 
     y with IGNORE_INDEX). Summing the loss over targets != IGNORE_INDEX and dividing by
     len(tokens) - 1 gives the mean loss per token.
     """
+    import torch
+
     array, name = _array(tokens)
     stride = block_size if stride is None else stride
     if not 1 <= stride <= block_size:
