@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> None:
             prepare(PrepareConfig(out=Path(tmp, "tok"), vocab_size=bench.vocab_size, progress=False), source)
             tokenizer = Path(tmp, "tok", "tokenizer.bpe")
             print(f"tokenizer trained beforehand in {format_duration(time.perf_counter() - begin)}")
+        load = f"; load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
         print(f"input {bench.input} ({bench.limit or 'all'} documents), vocabulary {bench.vocab_size}, "
-              f"{cores} cores; tokenizer {'trained in each run' if tokenizer is None else 'given'}")
+              f"{cores} cores{load}; tokenizer {'trained in each run' if tokenizer is None else 'given'}")
         print(f"{'workers':>7}  {'seconds':>8}  {'MB/s':>6}  {'speedup':>7}  stages")
         baseline = None
         for n in workers:
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
             baseline = baseline or rate
             stages = ", ".join(f"{k} {v:.1f}s" for k, v in report["stage_seconds"].items())
             print(f"{n:>7}  {seconds:>8.1f}  {rate:>6.2f}  {rate / baseline:>6.2f}x  {stages}", flush=True)
+        if hasattr(os, "getloadavg"):  # other work on the machine skews the ratio: say how much there was
+            print(f"load average after: {os.getloadavg()[0]:.1f} (more than {cores} means the cores were shared)")
 
 
 if __name__ == "__main__":
