@@ -7,8 +7,8 @@ processes, so each takes its settings as arguments and touches nothing global):
    - HTML to text: `<br />`, `<p>` and other block tags become line breaks, other tags of a fixed
      list of real HTML elements (`<i>`, `<a href=...>`, ...) are removed, `<script>`/`<style>`
      elements and `<!-- comments -->` go with their contents, entities (`&amp;`) are decoded.
-     Subtle: only known element names count as tags, so `<module>`, `<stdin>` or `a <b and c> d`
-     in ordinary prose survive (Python's own docstrings are full of `<object at 0x...>`).
+     Subtle: only known element names count as tags, so `<module>`, `<stdin>` or `a < b > c` in
+     ordinary prose survive (Python's own docstrings are full of `<object at 0x...>`).
    - Unicode NFC, so that "é" typed two ways is one string (and one set of tokens).
    - control characters out (C0 controls other than tab and newline, zero-width space, byte order
      marks, bidirectional overrides); line ends become `\n`. Subtle: C1 controls (U+0080..U+009F)
@@ -25,8 +25,8 @@ processes, so each takes its settings as arguments and touches nothing global):
    (+44 20 7946 0958), grouped ((555) 123-4567, 555.123.4567, 1-800-555-0199, 07700 900123) and
    national numbers written as one run starting with 0 (09061701461); a bare 10-digit run such as
    2147483647, a date with its hour (1994-02-03 14:15) and a year range followed by a number
-   (1940-1944 17) are left alone. Four dotted numbers up
-   to 255 are taken for an IPv4 address, version numbers such as 2.7.2.2 included.
+   (1940-1944 17) are left alone. Four dotted numbers up to 255 are taken for an IPv4 address,
+   version numbers such as 2.7.2.2 included.
 3. `quality_problem(text, config)` -> None or the reason to drop: "empty", "too_short", or
    "low_quality" with the detail ("letter_share": too few letters among the visible characters,
    as in tables of numbers or base64; "repeated_lines": too many lines that repeat an earlier line,
