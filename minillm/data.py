@@ -307,7 +307,7 @@ def _read_and_clean(config: PrepareConfig, source: SourceConfig, clean: CleanCon
                     if r.outcome == "low_quality":
                         accounts.low_quality[r.detail] += 1
                     if r.outcome == "bad_record":
-                        accounts.example("bad_record", {"source": r.source, "message": r.detail})
+                        accounts.example("bad_record", {"source": r.source, "message": r.detail}, keep=1000)
                     _log_dropped(dropped, r.id, r.split, r.label, r.source, r.outcome, detail=r.detail)
                 bar.update(len(results), bytes=sum(r.raw_bytes for r in results))
     finally:

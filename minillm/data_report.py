@@ -107,6 +107,7 @@ def build_report(accounts: Accounts, *, tokens: dict[str, int], dtype: str, voca
                                    "near": accounts.overlap[a, b, "near"]} for a, b in pairs],
                         "examples": accounts.examples["cross_split"]},
         "near_dedup": near_dedup,
+        # the first 1,000 bad records with their locations (dropped.jsonl lists every one)
         "bad_records": {"count": totals["dropped"]["bad_record"], "examples": accounts.examples["bad_record"]},
         "configs": configs,
     }
