@@ -28,7 +28,7 @@ from minillm.data import PrepareConfig, prepare  # noqa: E402
 from minillm.progress import format_duration  # noqa: E402
 from minillm.sources import SourceConfig  # noqa: E402
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+SHARED = Path(os.environ.get("MINILLM_SHARED_DATA") or Path(__file__).resolve().parent.parent.parent / "shared" / "data")
 
 
 @dataclass
