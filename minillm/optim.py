@@ -47,9 +47,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_adamw(model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float], device: torch.device) -> torch.optim.AdamW:
-    """AdamW: the fused implementation (one kernel for all parameters) on CUDA, foreach elsewhere."""
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused or None, foreach=None if fused else True)
+    """AdamW, fused (one pass over each parameter for the whole update) on CUDA and CPU, where torch
+    has it: on this project's 2-core CPU that measured 5x faster than the foreach implementation for
+    the `mini` model (2 ms against 10 ms per step); foreach on other devices."""
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused or None,
+                             foreach=None if fused else True)
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

@@ -52,25 +52,28 @@ class RandomWindows:
 
 def lm_evaluator(tokens, batch_size: int, block_size: int, max_batches: int, dist: DistInfo | None = None):
     """An `evaluate(model)` for the trainer: the mean next-token loss over the first `max_batches`
-    batches of consecutive, non-overlapping windows of `tokens` (the same windows every time, so
-    evaluations compare), the batches spread over the ranks. Returns {"val_loss", "val_ppl"}.
+    global batches (`batch_size` windows per process) of consecutive, non-overlapping windows of
+    `tokens`: the same windows every time, so evaluations compare, and the same windows whatever the
+    number of processes, each scoring its share of every batch. Returns {"val_loss", "val_ppl"}.
 
     This is the quick estimate a training run tracks; `eval.py` scores whole files with overlap.
     """
     dist = dist or DistInfo()
-    batches = list(itertools.islice(eval_windows(tokens, batch_size, block_size), max_batches))
+    global_batch = batch_size * dist.world_size
+    batches = list(itertools.islice(eval_windows(tokens, global_batch, block_size), max_batches))
     if not batches:
         raise ValueError(f"{len(tokens)} validation tokens are too few to evaluate on (need at least 2)")
-    mine = batches[dist.rank :: dist.world_size]
+    mine = [(x[dist.rank :: dist.world_size], y[dist.rank :: dist.world_size]) for x, y in batches]
 
     def evaluate(model: nn.Module) -> dict[str, float]:
         device = next(model.parameters()).device
         total = torch.zeros((), device=device, dtype=torch.float64)
         count = torch.zeros((), device=device, dtype=torch.float64)
         for x, y in mine:
-            x, y = x.to(device), y.to(device)
             scored = (y != IGNORE_INDEX).sum()
-            _, loss = model(x, y)  # the mean over scored targets
+            if scored == 0:  # a short last batch can leave a rank without rows
+                continue
+            _, loss = model(x.to(device), y.to(device))  # the mean over scored targets
             total += loss.double() * scored
             count += scored
         mean = (mean_across_ranks(total, dist) / mean_across_ranks(count, dist)).item()
@@ -83,7 +86,7 @@ def lm_evaluator(tokens, batch_size: int, block_size: int, max_batches: int, dis
 class PretrainConfig:
     """What to pretrain on and from; the loop's settings are in TrainConfig, the shape in GPTConfig."""
 
-    data: Path = Path("data/default")  # folder written by prepare.py: train.bin, val.bin, tokenizer.bpe
+    data: Path = Path("data/corpus")  # folder written by prepare.py: train.bin, val.bin, tokenizer.bpe
     model: str = "mini"  # GPTConfig preset; --n_layer=... and the other GPTConfig options override its fields
     init_from: str = ""  # start from the weights of this minillm checkpoint or run folder ("": random init)
     eval_batches: int = 20  # micro-batches of the val split per evaluation

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import shutil
 import signal
 import threading
 import time
@@ -70,6 +71,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # save a checkpoint every N steps, and always at the end
     keep_last: int = 3  # how many checkpoints to keep in out_dir
     resume: bool = False  # continue from the newest complete checkpoint in out_dir
+    overwrite: bool = False  # start afresh even if out_dir holds an earlier run (its checkpoints and logs are deleted)
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     seed: int = 1337  # seeds weights, data order and dropout
     device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:N
@@ -94,6 +96,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("TrainConfig.weight_decay and grad_clip must not be negative")
+        if self.resume and self.overwrite:
+            raise ValueError("TrainConfig: --resume continues a run and --overwrite deletes it; pick one")
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"TrainConfig.dtype must be auto, fp32, bf16 or fp16; got {self.dtype!r}")
         self.out_dir = Path(self.out_dir)
@@ -199,7 +203,7 @@ def train(
                             betas=(config.beta1, config.beta2), device=device)
     out_dir = config.out_dir
     if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        _claim_out_dir(out_dir, config)
     metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=main)
 
     # where to start: fresh, or exactly where the newest checkpoint left off
@@ -376,6 +380,19 @@ def train(
         checkpoint=find_checkpoint(out_dir) if main and list_checkpoints(out_dir) else None,
         skipped_steps=skipped, seconds=time.perf_counter() - started,
     )
+
+
+def _claim_out_dir(out_dir: Path, config: TrainConfig) -> None:
+    """Make `out_dir`, refusing to mix a new run into an earlier one's checkpoints and metrics."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    earlier = list_checkpoints(out_dir) + [p for p in (out_dir / "metrics.jsonl", out_dir / "loss.svg") if p.exists()]
+    if config.resume or not earlier:
+        return
+    if not config.overwrite:
+        raise ValueError(f"{out_dir} already holds a run ({', '.join(p.name for p in earlier[:4])}): "
+                         f"pass --resume to continue it, --overwrite to start again, or another --out_dir")
+    for path in earlier:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 @contextlib.contextmanager

@@ -180,6 +180,17 @@ def test_ctrl_c_then_resume_is_exact(tmp_path):
     assert strip(tmp_path / "full" / "metrics.jsonl") == strip(tmp_path / "split" / "metrics.jsonl")
 
 
+def test_a_new_run_never_mixes_into_an_old_one(tmp_path):
+    run(tmp_path, max_steps=4)
+    with pytest.raises(ValueError, match="already holds a run .*pass --resume to continue it, --overwrite"):
+        run(tmp_path, max_steps=4)
+    _, result, _ = run(tmp_path, max_steps=2, overwrite=True)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000002"]
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"] == [1, 2]
+    with pytest.raises(ValueError, match="pick one"):
+        TrainConfig(resume=True, overwrite=True)
+
+
 def test_resume_without_checkpoint_starts_fresh(tmp_path):
     _, result, lines = run(tmp_path, max_steps=2, resume=True)
     assert result.steps == 2 and any("no checkpoint" in line for line in lines)
