@@ -35,6 +35,7 @@ from minillm import cli
 from minillm.config import GPTConfig
 from minillm.model import GPT
 from minillm.safetensors import load_file, save_file
+from minillm.tokenizer import TOKENIZER_FILE, Tokenizer
 
 FORMAT = "minillm-checkpoint"
 VERSION = 1
@@ -151,6 +152,11 @@ class Checkpoint:
 
     def json(self, name: str) -> Any:
         return _read_json(self.path / name)
+
+    def tokenizer(self) -> Tokenizer | None:
+        """The tokenizer saved with this checkpoint (its TOKENIZER_FILE), or None if it has none."""
+        path = self.path / TOKENIZER_FILE
+        return Tokenizer.load(path) if path.is_file() else None
 
     def model(self, device: str | torch.device = "cpu", **config_overrides) -> GPT:
         """The GPT with the saved weights, on `device`, in eval mode (e.g. `impl="torch"` to force a path)."""
