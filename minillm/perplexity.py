@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from minillm.progress import Progress
-from minillm.scoring import target_logprobs
+from minillm.scoring import sample_indices, target_logprobs
 from minillm.tokenfile import IGNORE_INDEX, MAGIC, TokenFile, TokenWriter, eval_windows
 
 DOCUMENTS_FILE = "documents.jsonl"  # prepare.py's index of the documents in its token files
@@ -169,14 +169,6 @@ def is_token_file(path: str | os.PathLike) -> bool:
         return False
     with open(path, "rb") as f:
         return f.read(len(MAGIC)) == MAGIC
-
-
-def sample_indices(count: int, max_docs: int | None, seed: int) -> np.ndarray | None:
-    """Which of `count` documents --max_docs keeps: a seeded random sample, in the original order;
-    None when it keeps them all."""
-    if max_docs is None or max_docs >= count:
-        return None
-    return np.sort(np.random.default_rng(seed).choice(count, size=max_docs, replace=False))
 
 
 def token_file_stream(path: str | os.PathLike, work_dir: Path, max_docs: int | None = None, seed: int = 0) -> TokenStream:

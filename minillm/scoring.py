@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 
 from minillm.model import IGNORE_INDEX
@@ -58,3 +59,11 @@ def target_logprobs(model, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype 
     targets = y[scored].long()
     out[scored] = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
     return out
+
+
+def sample_indices(count: int, max_docs: int | None, seed: int) -> np.ndarray | None:
+    """Which of `count` documents (or questions) a `--max_docs` run scores: a seeded random sample,
+    in the original order; None when it scores them all."""
+    if max_docs is None or max_docs >= count:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(count, size=max_docs, replace=False))
