@@ -54,8 +54,8 @@ def target_logprobs(model, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype 
         return out
     device = x.device
     with autocast(device, dtype):
-        logits = model(x)[0][scored]  # (k, V): only the positions that are scored
-    logits = logits.float()
+        hidden = model.hidden_states(x)[scored]  # (k, C): only the positions that are scored
+        logits = model.lm_head(hidden).float()  # (k, V)
     targets = y[scored].long()
     out[scored] = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
     return out

@@ -7,7 +7,9 @@ import math
 
 import numpy as np
 import pytest
+import eval_fixtures
 import torch
+from eval_fixtures import unigram_model
 
 from minillm.config import GPTConfig
 from minillm.model import GPT
@@ -21,40 +23,17 @@ from minillm.multiple_choice import (
     read_questions,
     score_questions,
 )
-from minillm.tokenizer import Tokenizer
 
-TEXT = "The cat sat on the mat. A dog ran in the park! Why? Because it could, 3 times.\n" * 10
 
 
 @pytest.fixture(scope="module")
 def byte_tokenizer():
-    """No merges: one token per byte (and <|endoftext|>), so log-likelihoods can be derived by hand."""
-    return Tokenizer.train(TEXT, vocab_size=257)
+    return eval_fixtures.byte_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def bpe_tokenizer():
-    return Tokenizer.train(TEXT, vocab_size=300)
-
-
-def unigram_model(tokenizer, preferences: dict[str, float]):
-    """A GPT rigged to ignore its input: ln_f's weight is 0 and its bias a unit vector, so every
-    position's hidden state is that vector and the logits are one fixed column of lm_head: a unigram
-    model with logit preferences[c] for the byte c and 0 for every other token."""
-    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16,
-                       tie_embeddings=False, impl="torch")
-    model = GPT(config).eval()
-    logits = torch.zeros(config.vocab_size)
-    for char, value in preferences.items():
-        (token,) = tokenizer.encode_ordinary(char)
-        logits[token] = value
-    with torch.no_grad():
-        model.transformer.ln_f.weight.zero_()
-        model.transformer.ln_f.bias.zero_()
-        model.transformer.ln_f.bias[0] = 1.0
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[:, 0] = logits
-    return model, torch.log_softmax(logits.double(), -1)
+    return eval_fixtures.bpe_tokenizer(300)
 
 
 def test_the_rigged_model_picks_the_planted_answer(byte_tokenizer):

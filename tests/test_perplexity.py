@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from eval_fixtures import CORPUS, bpe_tokenizer, make_prepared, tiny_gpt
 
-from minillm.config import GPTConfig
-from minillm.model import GPT, IGNORE_INDEX
+from minillm.model import IGNORE_INDEX
 from minillm.perplexity import (
     EvalDataError,
     PerplexityConfig,
@@ -22,25 +22,12 @@ from minillm.perplexity import (
     safe_cut,
     text_pieces,
 )
-from minillm.tokenfile import TokenWriter
-from minillm.tokenizer import Tokenizer
 
-CORPUS = (
-    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs!\n"
-    "Ça va? Très bien, merci. 東京は大きい。 Numbers: 3.14, 1,000 and 42.\n\n"
-) * 20
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return Tokenizer.train(CORPUS, vocab_size=320)
-
-
-def tiny_gpt(vocab_size, block_size=32, seed=0, tie=True):
-    torch.manual_seed(seed)
-    config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32,
-                       tie_embeddings=tie, impl="torch")
-    return GPT(config).eval()
+    return bpe_tokenizer(320)
 
 
 @pytest.fixture(scope="module")
@@ -155,31 +142,21 @@ def test_a_token_file_scores_like_the_same_documents_as_text(tmp_path, tokenizer
     """prepare.py's layout (EOT before each document, documents.jsonl with offsets) gives the same
     stream as the texts, so the same numbers; --max_docs takes a seeded sample of documents."""
     texts = [CORPUS[i * 50 : i * 50 + 40 + 7 * i] for i in range(6)]
-    folder = tmp_path / "prepared"
-    folder.mkdir()
-    rows = []
-    with TokenWriter(folder / "val.bin", tokenizer.vocab_size) as writer:
-        for i, text in enumerate(texts):
-            ids = tokenizer.encode_ordinary(text)
-            writer.write([tokenizer.eot_id])
-            rows.append({"id": f"doc{i}", "split": "val", "label": None, "offset": writer.num_tokens, "length": len(ids)})
-            writer.write(ids)
-    rows.insert(2, {"id": "other", "split": "train", "offset": 1, "length": 3})
-    (folder / "documents.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    folder = make_prepared(tmp_path / "prepared", tokenizer, {"train": ["other text"], "val": texts})
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     config = quiet(per_document=True, stride=11, scratch_dir=str(tmp_path))
     from_tokens = evaluate_perplexity(model, tokenizer, folder / "val.bin", config, progress=False)
     from_text = evaluate_perplexity(model, tokenizer, tmp_path / "docs.jsonl", config, progress=False)
     assert from_tokens.total.nll == pytest.approx(from_text.total.nll, rel=1e-6)
     assert (from_tokens.total.tokens, from_tokens.total.bytes) == (from_text.total.tokens, from_text.total.bytes)
-    assert [d.name for d in from_tokens.documents] == [f"doc{i}" for i in range(6)]
+    assert [d.name for d in from_tokens.documents] == [f"val-{i}" for i in range(6)]
     assert [d.nll for d in from_tokens.documents] == pytest.approx([d.nll for d in from_text.documents], rel=1e-6)
 
     sample = evaluate_perplexity(model, tokenizer, folder / "val.bin", quiet(max_docs=3, seed=4, per_document=True,
                                                                               scratch_dir=str(tmp_path)), progress=False)
     names = [d.name for d in sample.documents]
     assert len(names) == 3 and names == sorted(names)  # a sample, in the original order
-    assert sample.total.tokens == sum(len(tokenizer.encode_ordinary(texts[int(n[3:])])) for n in names)
+    assert sample.total.tokens == sum(len(tokenizer.encode_ordinary(texts[int(n[4:])])) for n in names)
     again = evaluate_perplexity(model, tokenizer, folder / "val.bin", quiet(max_docs=3, seed=4, scratch_dir=str(tmp_path)),
                                 progress=False)
     assert again.total.nll == sample.total.nll and "3 of 6 documents" in sample.source
@@ -192,7 +169,7 @@ PIECE_ALPHABET = st.sampled_from(list("ab Z9.,'!\n\n\r\t  ") + ["\u00a0", "\u300
 @given(parts=st.lists(PIECE_ALPHABET, max_size=60), piece_bytes=st.integers(1, 12))
 def test_text_read_in_pieces_tokenizes_like_the_whole(tmp_path_factory, pattern, parts, piece_bytes):
     text = "".join(parts)
-    tok = _PATTERN_TOKENIZERS.setdefault(pattern, Tokenizer.train(CORPUS, vocab_size=300, pattern=pattern))
+    tok = _PATTERN_TOKENIZERS.setdefault(pattern, bpe_tokenizer(300, pattern))
     path = tmp_path_factory.mktemp("pieces") / "t.txt"
     path.write_bytes(text.encode("utf-8"))
     pieces = list(text_pieces(path, piece_bytes))
