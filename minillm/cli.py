@@ -7,9 +7,10 @@ A script builds default config objects and hands them to `parse_args` with its a
 Each dataclass field becomes an option: `--n_layer=6`, `--n-layer 6`, `--compile` (a bare boolean
 means true), `--no-compile`, `--dropout none` for an optional field. Values are converted with the
 field's annotated type (int, float, str, bool, Path, `X | None`, tuples and lists of those, comma
-separated). A key that several configs share sets all of them; `--train.seed=1` sets one, the
-section being the class name without "Config", lowercased (`GPTConfig` -> `gpt`). `--help` lists
-every field with its type, default and the comment written beside it in the source.
+separated; a list field given more than once collects every value: `--input a --input b`). A key
+that several configs share sets all of them; `--train.seed=1` sets one, the section being the class
+name without "Config", lowercased (`GPTConfig` -> `gpt`). `--help` lists every field with its type,
+default and the comment written beside it in the source.
 
 Errors (an unknown option, with the closest known one suggested; a value of the wrong type; a value
 that the dataclass's own `__post_init__` rejects) print one line and exit with status 2, as argparse
@@ -177,7 +178,11 @@ def parse_overrides(argv: list[str], *configs: Any) -> list[dict[str, Any]]:
         else:
             raise ValueError(f"--{bare} needs a value")
         for t in targets:
-            overrides[t][bare] = value
+            # a list field given again accumulates: `--input a --input b` -> [a, b]
+            if typing.get_origin(annotation) is list and bare in overrides[t]:
+                overrides[t][bare] = overrides[t][bare] + value
+            else:
+                overrides[t][bare] = value
     return overrides
 
 

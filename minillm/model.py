@@ -11,6 +11,12 @@ the released GPT-2 map one to one (the Hugging Face files store the Linear weigh
 Conv1D). LayerNorm and attention go through `minillm.ops`, the one dispatch point between PyTorch and
 the fused Triton kernels; `GPTConfig.impl` picks the path.
 
+Decoding with a KV cache (`minillm.kv_cache.KVCache`, used by `minillm.generate`): pass `cache=` to
+`forward` or `hidden_states` and `idx` continues the sequences stored in the cache. Each row's
+positions start where its cached tokens end, each attention layer appends its new keys and values
+to the cache and attends over all of them, and the cache advances by T. Without a cache, `forward`
+is the plain full-sequence pass used for training.
+
 `forward` checks its input and raises `TypeError`/`ValueError` with the problem spelled out (wrong dtype
 or rank, a sequence longer than the block size, a token id outside the vocabulary) instead of letting
 an index error or a CUDA device-side assert surface from deep inside torch.
@@ -56,13 +62,18 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv=None) -> torch.Tensor:
+        """`kv`, when decoding with a KV cache: a function that stores this call's keys and values in
+        the cache and returns every key and value the queries may see, with their mask."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
         # split the channels into heads: (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        mask = None  # None: the causal mask, aligned to the end of the keys
+        if kv is not None:
+            k, v, mask = kv(k, v)  # (B, nh, Tk, hs): the cached prefix then these T; mask (B, 1, T, Tk) or None
         dropout_p = self.dropout if self.training else 0.0
-        y = ops.attention(q, k, v, causal=True, dropout_p=dropout_p, impl=self.impl)  # (B, nh, T, hs)
+        y = ops.attention(q, k, v, causal=mask is None, mask=mask, dropout_p=dropout_p, impl=self.impl)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -93,8 +104,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps, config.impl)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, kv=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -204,19 +215,32 @@ class GPT(nn.Module):
                     f"got values in [{int(valid.min())}, {int(valid.max())}]"
                 )
 
+    def hidden_states(self, idx: torch.Tensor, *, cache=None) -> torch.Tensor:
+        """The final hidden states (B, T, C), after ln_f, for token ids `idx` (B, T): what `lm_head`
+        scores. Generation scores only the positions it samples from; classifiers put their own head
+        here. With `cache` (a KVCache or a view of some of its rows), `idx` continues its sequences."""
+        self.check_input(idx)
+        T = idx.shape[1]
+        step = None
+        if cache is None:
+            pos = torch.arange(T, device=idx.device)  # (T,)
+        else:
+            step = cache.step(T)  # room for T more tokens in each row (a clear error when full)
+            pos = step.positions  # (T,) or (B, T): each row continues where its cached tokens end
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if step is None else step.layer(i))
+        return self.transformer.ln_f(x)
+
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T); with `targets` (B, T), also the mean
-        cross-entropy over the targets that are not IGNORE_INDEX."""
-        self.check_input(idx, targets)
+        cross-entropy over the targets that are not IGNORE_INDEX. `cache`: see `hidden_states`."""
+        if targets is not None:
+            self.check_input(idx, targets)
+        logits = self.lm_head(self.hidden_states(idx, cache=cache))  # (B, T, vocab_size)
         B, T = idx.shape
-        pos = torch.arange(T, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:
             # subtle: half-precision logits (autocast) are upcast for a stable log-sum-exp, but never

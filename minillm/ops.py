@@ -17,7 +17,9 @@ can force either path.
 
 Attention takes queries and keys of different lengths: with `causal=True` the mask is aligned to the
 *end* of the keys, so query i (of Tq) sees keys 0 .. Tk - Tq + i. For Tq == Tk that is the usual
-causal mask; for Tq < Tk it is what decoding with a KV cache needs (the new queries come last).
+causal mask; for Tq < Tk it is what decoding with a KV cache needs (the new queries come last). A batch
+of sequences of different lengths in one KV cache needs a mask per row instead: pass it as `mask`
+(the PyTorch path runs it).
 """
 
 from __future__ import annotations
@@ -82,11 +84,14 @@ def attention(
     causal: bool = True,
     dropout_p: float = 0.0,
     impl: str = "auto",
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention: q (B, nh, Tq, hs), k and v (B, nh, Tk, hs) -> (B, nh, Tq, hs).
 
     The softmax scale is 1/sqrt(hs). `dropout_p` applies to the attention weights (training only;
-    pass 0.0 in eval mode).
+    pass 0.0 in eval mode). `mask`, a bool tensor broadcastable to (B, nh, Tq, Tk) that is True where
+    a query may see a key, replaces the causal mask (pass causal=False with it); every query must see
+    at least one key. The PyTorch path runs it (the fused kernel is causal-only).
     """
     check_impl(impl)
     if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
@@ -97,11 +102,16 @@ def attention(
     t_q, t_k = q.shape[2], k.shape[2]
     if causal and t_q > t_k:
         raise ValueError(f"causal attention needs at least as many keys as queries; got Tq={t_q}, Tk={t_k}")
+    if mask is not None:
+        if causal:
+            raise ValueError("attention: pass causal=False with an explicit mask (the mask replaces the causal one)")
+        _kernel("attention", impl, q, (q, k, v, causal), "an explicit mask: the kernel is causal-only")  # raises for impl='triton'
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     no_dropout = None if dropout_p == 0.0 else f"dropout_p={dropout_p}: the kernel has no dropout (use impl='torch')"
     kernel = _kernel("attention", impl, q, (q, k, v, causal), no_dropout)
     if kernel is not None:
         return kernel.flash_attention(q, k, v, causal=causal, use_triton=True)
-    if not causal or t_q == t_k:
+    if not causal or t_q == t_k or t_q == 1:  # one query at the end sees every key: no mask needed
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal and t_q > 1)
     # Tq < Tk: SDPA's is_causal aligns the mask to the start, so build the end-aligned one ourselves
     visible = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(diagonal=t_k - t_q)

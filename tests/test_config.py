@@ -1,6 +1,6 @@
 """GPTConfig validation and presets, and the shared --key=value command-line layer."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -117,3 +117,15 @@ def test_dict_round_trip_and_errors():
     with pytest.raises(ValueError, match="run.json: DemoConfig.steps must be >= 1"):
         cli.from_dict(DemoConfig, {"steps": 0}, source="run.json")
     assert '"gpt": {' in cli.format_config(GPTConfig())
+
+
+def test_repeated_list_option_accumulates():
+    @dataclass
+    class InputsConfig:
+        input: list[str] = field(default_factory=list)  # input files, repeatable
+        tags: tuple[str, ...] = ()  # a tuple is set whole: the last one given wins
+
+    config = cli.parse_args(["--input", "train=a.csv", "--input=test=b.csv,c.csv", "--tags=x", "--tags=y"],
+                            InputsConfig())
+    assert config.input == ["train=a.csv", "test=b.csv", "c.csv"] and config.tags == ("y",)
+    assert cli.parse_args([], InputsConfig()).input == []
