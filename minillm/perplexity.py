@@ -31,7 +31,8 @@ perplexity V (tested).
 Reading text of any size: a text file is read in pieces of about a megabyte, each cut just before a
 space that follows a non-space character. The GPT-2 and cl100k split patterns never join such a pair
 into one pre-token, so tokenizing piece by piece gives exactly the ids of tokenizing the whole text
-(tested); text without such a place (no spaces) is read whole.
+(tested); text without such a place (no spaces) is read whole, and so is every file when the
+tokenizer has a split pattern of its own.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ import torch
 from minillm.progress import Progress
 from minillm.scoring import sample_indices, target_logprobs
 from minillm.tokenfile import IGNORE_INDEX, MAGIC, TokenFile, TokenWriter, eval_windows
+from minillm.tokenizer import PATTERNS
 
 DOCUMENTS_FILE = "documents.jsonl"  # prepare.py's index of the documents in its token files
 PIECE_BYTES = 1 << 20  # how much of a text file is read and tokenized at a time
@@ -227,13 +229,14 @@ def safe_cut(text: str) -> int:
     return max(i, 0)
 
 
-def text_pieces(path: str | os.PathLike, piece_bytes: int = PIECE_BYTES) -> Iterator[str]:
-    """A UTF-8 text file in pieces of about `piece_bytes`, cut where tokenization does not care."""
+def text_pieces(path: str | os.PathLike, piece_bytes: int | None = PIECE_BYTES) -> Iterator[str]:
+    """A UTF-8 text file in pieces of about `piece_bytes`, cut where tokenization does not care
+    (None: the whole file at once)."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     carry, offset = "", 0
     with open(path, "rb") as f:
         while True:
-            raw = f.read(piece_bytes)
+            raw = f.read(-1 if piece_bytes is None else piece_bytes)
             try:
                 carry += decoder.decode(raw, final=not raw)
             except UnicodeDecodeError as err:
@@ -289,12 +292,13 @@ def text_sources(path: str | os.PathLike) -> list[TextSource]:
     return sources
 
 
-def iter_source_texts(sources: Sequence[TextSource], text_field: str) -> Iterator[tuple[TextSource, Iterator[str]]]:
+def iter_source_texts(sources: Sequence[TextSource], text_field: str, piece_bytes: int | None = PIECE_BYTES,
+                      ) -> Iterator[tuple[TextSource, Iterator[str]]]:
     """(source, its text in pieces) in order, reading each JSONL file once from top to bottom."""
     open_jsonl: dict[Path, Iterator[tuple[int, str]]] = {}
     for source in sources:
         if source.line is None:
-            yield source, text_pieces(source.path)
+            yield source, text_pieces(source.path, piece_bytes)
             continue
         lines = open_jsonl.get(source.path)
         if lines is None:
@@ -333,11 +337,13 @@ def text_stream(path: str | os.PathLike, tokenizer, work_dir: Path, *, max_docs:
     keep = sample_indices(len(sources), max_docs, seed)
     chosen = sources if keep is None else [sources[i] for i in keep]
     eot = tokenizer.eot_id
+    # the cuts between pieces are proven safe for the built-in split patterns only: others read whole files
+    piece_bytes = PIECE_BYTES if tokenizer.pattern in PATTERNS.values() else None
     out = work_dir / "text.bin"
     starts, lengths, names = [], [], []
     with TokenWriter(out, tokenizer.vocab_size) as writer, \
             Progress(len(chosen), desc=f"tokenize {path}", unit="docs", enabled=progress) as bar:
-        for source, pieces in iter_source_texts(chosen, text_field):
+        for source, pieces in iter_source_texts(chosen, text_field, piece_bytes):
             if eot is not None:
                 writer.write([eot])
             start, size = writer.num_tokens, 0

@@ -4,7 +4,8 @@ of these numbers, so both call `target_logprobs`.
 
 Numerics: the log-softmax is taken in float32 whatever the model runs in, as logsumexp(logits) minus
 the target's logit, on the scored positions only (a window with stride < block size scores just its
-new tokens, and its other positions never reach the output head). On a GPU the matmuls run under
+new tokens, and its other positions never reach the output head), HEAD_ROWS positions at a time so
+memory stays bounded whatever the batch and vocabulary. On a GPU the matmuls run under
 bfloat16 autocast by default (`dtype="auto"`); the weights stay as loaded.
 """
 
@@ -17,6 +18,7 @@ import torch
 
 from minillm.model import IGNORE_INDEX
 
+HEAD_ROWS = 1024  # positions sent through the output head at once: 200 MB of fp32 logits for GPT-2's vocabulary
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -52,12 +54,15 @@ def target_logprobs(model, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype 
     out = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
     if not bool(scored.any()):
         return out
-    device = x.device
-    with autocast(device, dtype):
+    with autocast(x.device, dtype):
         hidden = model.hidden_states(x)[scored]  # (k, C): only the positions that are scored
-        logits = model.lm_head(hidden).float()  # (k, V)
-    targets = y[scored].long()
-    out[scored] = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    targets = y[scored].long()  # (k,)
+    picked = torch.empty(len(targets), dtype=torch.float32, device=y.device)
+    for i in range(0, len(targets), HEAD_ROWS):  # a bounded slice of (k, V) logits at a time
+        with autocast(x.device, dtype):
+            logits = model.lm_head(hidden[i : i + HEAD_ROWS]).float()  # (rows, V)
+        picked[i : i + HEAD_ROWS] = logits.gather(1, targets[i : i + HEAD_ROWS, None]).squeeze(1) - torch.logsumexp(logits, -1)
+    out[scored] = picked
     return out
 
 

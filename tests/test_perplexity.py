@@ -13,7 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from eval_fixtures import CORPUS, bpe_tokenizer, make_prepared, tiny_gpt
 
+from minillm import scoring
 from minillm.model import IGNORE_INDEX
+from minillm.tokenizer import Tokenizer
 from minillm.perplexity import (
     EvalDataError,
     PerplexityConfig,
@@ -96,8 +98,10 @@ def test_matches_full_context_when_the_text_fits(tmp_path, tokenizer, model, str
     assert result.total.perplexity == pytest.approx(math.exp(nll / (len(ids) - 1)), rel=1e-5)
 
 
-def test_stride_one_gives_every_token_the_full_block(tmp_path, tokenizer):
-    """Past the block, each token's log-probability equals a direct pass over the block before it."""
+def test_stride_one_gives_every_token_the_full_block(tmp_path, tokenizer, monkeypatch):
+    """Past the block, each token's log-probability equals a direct pass over the block before it
+    (the output head takes 5 positions at a time here, so its slicing is checked too)."""
+    monkeypatch.setattr(scoring, "HEAD_ROWS", 5)
     model = tiny_gpt(tokenizer.vocab_size, block_size=12, seed=1)
     text = CORPUS[:160]
     ids = [tokenizer.eot_id] + tokenizer.encode_ordinary(text)
@@ -165,19 +169,21 @@ def test_a_token_file_scores_like_the_same_documents_as_text(tmp_path, tokenizer
 PIECE_ALPHABET = st.sampled_from(list("ab Z9.,'!\n\n\r\t  ") + ["\u00a0", "\u3000", "é", "東", "'s", "  ", " \n"])
 
 
+@pytest.fixture(scope="module")
+def pattern_tokenizers():
+    return {pattern: bpe_tokenizer(300, pattern) for pattern in ("gpt2", "cl100k")}
+
+
 @pytest.mark.parametrize("pattern", ["gpt2", "cl100k"])
 @given(parts=st.lists(PIECE_ALPHABET, max_size=60), piece_bytes=st.integers(1, 12))
-def test_text_read_in_pieces_tokenizes_like_the_whole(tmp_path_factory, pattern, parts, piece_bytes):
+def test_text_read_in_pieces_tokenizes_like_the_whole(tmp_path_factory, pattern_tokenizers, pattern, parts, piece_bytes):
     text = "".join(parts)
-    tok = _PATTERN_TOKENIZERS.setdefault(pattern, bpe_tokenizer(300, pattern))
+    tok = pattern_tokenizers[pattern]
     path = tmp_path_factory.mktemp("pieces") / "t.txt"
     path.write_bytes(text.encode("utf-8"))
     pieces = list(text_pieces(path, piece_bytes))
     assert "".join(pieces) == text
     assert [i for p in pieces for i in tok.encode_ordinary(p)] == tok.encode_ordinary(text)
-
-
-_PATTERN_TOKENIZERS: dict = {}
 
 
 def test_safe_cut_examples():
@@ -208,3 +214,19 @@ def test_bad_inputs_are_named(tmp_path, tokenizer, model):
                             progress=False)
     with pytest.raises(ValueError, match="PerplexityConfig.max_docs"):
         PerplexityConfig(max_docs=0)
+
+
+def test_gpt2_tokenizer_on_shared_text_accounts_for_every_byte(tmp_path, shared_data):
+    """Real text and GPT-2's real tokenizer (whose parity with tiktoken the tokenizer tests check): the
+    bytes scored are the file's bytes, the tokens those of encoding it whole, and a uniform model's
+    bits per byte is tokens x log2(V) / bytes."""
+    tok = Tokenizer.from_gpt2_files(shared_data / "encoder.json", shared_data / "vocab.bpe")
+    path = shared_data / "the-verdict.txt"
+    model = tiny_gpt(tok.vocab_size, block_size=64, tie=False)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    result = evaluate_perplexity(model, tok, path, quiet(stride=64, batch_size=32, scratch_dir=str(tmp_path)), progress=False)
+    text = path.read_text(encoding="utf-8")
+    assert result.total.bytes == path.stat().st_size
+    assert result.total.tokens == len(tok.encode_ordinary(text))
+    assert result.total.bits_per_byte == pytest.approx(result.total.tokens * math.log2(50257) / result.total.bytes, rel=1e-6)
