@@ -15,6 +15,11 @@ then renamed to its final name; a rename within a folder is atomic, so a crash (
 a save leaves the previous checkpoints whole and at worst a `.tmp` folder, which the next save
 removes. Old checkpoints beyond `keep_last` are deleted the same way round: renamed away first.
 
+Finetuned models are saved the same way: a classifier (`minillm.classify`) has GPT's weights minus
+lm_head plus `classifier.*`, and a "classifier" section in minillm.json; a LoRA model
+(`minillm.lora`) has GPT's weights plus `*.lora_A`/`*.lora_B` and a "lora" section, and
+`Checkpoint.model()` merges its adapters into the weights.
+
 Nothing here unpickles: weights are safetensors (our own reader), everything else JSON.
 """
 

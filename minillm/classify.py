@@ -165,6 +165,14 @@ def classifier_evaluator(examples: list[tuple[np.ndarray, int]], batch_size: int
     return evaluate
 
 
+def score(model: GPTClassifier, examples: list[tuple[np.ndarray, int]], classes: list[str], batch_size: int = 32,
+          pad_id: int = 0, progress: bool = False, desc: str = "score"):
+    """The classification report (`minillm.metrics`) of the model's predictions on (ids, class) examples."""
+    probs = class_probabilities(model, [ids for ids, _ in examples], batch_size, pad_id, progress=progress, desc=desc)
+    return classification_report([classes[y] for _, y in examples], [classes[int(i)] for i in probs.argmax(-1)],
+                                 labels=classes)
+
+
 def classifier_meta(classes: list[str], max_length: int, keep: str, pad_id: int) -> dict[str, Any]:
     """The "classifier" section of a classifier checkpoint's minillm.json."""
     return {"classes": list(classes), "max_length": max_length, "keep": keep, "pad_id": pad_id, "pooling": "last_token"}
@@ -234,7 +242,7 @@ def finetune_classifier(ft: FinetuneConfig, cc: ClassifyConfig, source: SourceCo
         schedule.prepare()
         model.to(dist.device)
         say(cli.format_config(ft, cc, source, *([lora] if ft.trainable == "lora" else []), train_config))
-        say(f"base: {base.source}\n" + "\n".join(data.notes) + f"\n{data.table()}")
+        say("\n".join([f"base: {base.source}", *data.notes, data.table()]))
         cut_count = sum(len(t.ids) > max_length for t in data.splits["train"])
         say(f"classes: {', '.join(data.classes)} | texts read up to {max_length} tokens (keeping the {cc.keep}; "
             f"{cut_count:,} train texts cut, the longest has {longest:,})")
@@ -259,10 +267,8 @@ def finetune_classifier(ft: FinetuneConfig, cc: ClassifyConfig, source: SourceCo
             for split, ex in (("val", val_ex), ("test", test_ex)):
                 if not ex:
                     continue
-                probs = class_probabilities(model, [ids for ids, _ in ex], train_config.batch_size, pad_id,
-                                            progress=cc.progress, desc=f"score {split}")
-                report = classification_report([data.classes[y] for _, y in ex],
-                                               [data.classes[int(i)] for i in probs.argmax(-1)], labels=data.classes)
+                report = score(model, ex, data.classes, train_config.batch_size, pad_id, progress=cc.progress,
+                               desc=f"score {split}")
                 scores[split] = report.to_dict()
                 say(f"\n{split}: {len(ex):,} texts | accuracy {report.accuracy:.4f} | macro F1 {report.macro_f1:.4f}\n"
                     f"{report.table()}")

@@ -219,3 +219,15 @@ def test_lora_classifier_saves_adapters_and_loads_merged(tmp_path):
     assert not any("lora" in n for n in model.state_dict())
     probs = predict_texts(model, tok, meta, ["the cat sat on a mat"])[0][2]
     assert len(probs) == 2 and scores["test"]["total"] > 0
+
+
+def test_starts_from_a_hugging_face_folder_with_its_tokenizer(tmp_path):
+    from minillm.hf import export_hf_gpt2
+
+    _, gpt, tokenizer = pretrained_checkpoint(tmp_path / "base")
+    hf = export_hf_gpt2(gpt, tmp_path / "hf", tokenizer)
+    ft = FinetuneConfig(init_from=str(hf), trainable="last", dropout=0.1)
+    scores, log = run_classify(tmp_path, hf, ft=ft, max_steps=4, eval_every=4, checkpoint_every=4)
+    assert f"base: Hugging Face GPT-2 folder {hf}" in log and scores["steps"] == 4
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.model_config().dropout == 0.1 and ckpt.tokenizer() == tokenizer
