@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from minillm import cli
 from minillm.generation_eval import GenerationDataError, GenerationEvalConfig, evaluate_generation
 from minillm.multiple_choice import BenchmarkError, MultipleChoiceConfig, evaluate_multiple_choice
-from minillm.perplexity import EvalDataError, PerplexityConfig, evaluate_perplexity
+from minillm.perplexity import PerplexityConfig, evaluate_perplexity
 from minillm.report_card import ReportConfig, build_card, write_report
 from minillm.scoring import resolve_device, resolve_dtype
+from minillm.token_stream import EvalDataError
 
 COMMANDS = {"ppl": PerplexityConfig, "mc": MultipleChoiceConfig, "gen": GenerationEvalConfig, "report": ReportConfig}
 
