@@ -20,6 +20,7 @@ generation_eval.py and report_card.py.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 
@@ -130,10 +131,21 @@ def run_report(cfg: EvalConfig, task: ReportConfig, runs: list[str], command: st
              "samples": c.samples} for c in cards]
 
 
+def json_safe(value):
+    """NaN and infinity (an undefined standard error, a document without tokens) as null: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_jsonl(path: str, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json.dumps(json_safe(row), ensure_ascii=False) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if cfg.json:
         with open(cfg.json, "w", encoding="utf-8") as f:
-            json.dump({"command": command, "results": results}, f, indent=2, default=str)
+            json.dump(json_safe({"command": command, "results": results}), f, indent=2, default=str)
         print(f"results: {cfg.json}")
     return 0
 

@@ -98,9 +98,12 @@ class Score:
         return self.nll / (self.bytes * math.log(2)) if self.bytes else math.nan
 
     def to_dict(self) -> dict:
-        clean = lambda v: None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v  # noqa: E731
-        return {"name": self.name, "tokens": self.tokens, "bytes": self.bytes, "nll": self.nll,
-                "loss": clean(self.loss), "perplexity": clean(self.perplexity), "bits_per_byte": clean(self.bits_per_byte)}
+        """JSON-ready; an undefined value (no tokens, no bytes) is None rather than NaN, which JSON lacks."""
+        def finite(value: float | None) -> float | None:
+            return value if value is not None and math.isfinite(value) else None
+
+        return {"name": self.name, "tokens": self.tokens, "bytes": self.bytes, "nll": self.nll, "loss": finite(self.loss),
+                "perplexity": finite(self.perplexity), "bits_per_byte": finite(self.bits_per_byte)}
 
     def line(self) -> str:
         """`loss 3.2161 | ppl 24.93 | bpb 1.1873 | 52,110 tokens | 219,004 bytes`"""

@@ -100,8 +100,10 @@ def test_mc_and_gen_commands_write_predictions(tmp_path, run, capsys):
                                  "choices": {"text": ["ice", "steam"], "label": ["A", "B"]}}) + "\n")
     preds = tmp_path / "mc_preds.jsonl"
     assert eval_script.main(["mc", "--model", str(run_dir), "--data", str(bench), "--predictions", str(preds),
-                             "--no-progress"]) == 0
+                             "--json", str(tmp_path / "mc.json"), "--no-progress"]) == 0
     assert f"{bench} (arc): acc " in capsys.readouterr().out
+    saved = json.loads((tmp_path / "mc.json").read_text())["results"][0]  # strict JSON: one question has no stderr
+    assert saved["questions"] == 1 and saved["acc_stderr"] is None and saved["acc"] in (0.0, 1.0)
     row = json.loads(preds.read_text())
     assert row["id"] == "q" and row["label"] == 1 and len(row["logprobs"]) == 2
     qa = tmp_path / "qa.jsonl"
