@@ -56,6 +56,26 @@ def model_tensors(model: GPT) -> dict[str, torch.Tensor]:
     return state
 
 
+def restore_weights(model: GPT, tensors: dict[str, torch.Tensor], *, source: str | os.PathLike, assign: bool = False) -> None:
+    """Load saved `tensors` into `model`, re-tying a tied head; a mismatch names `source`.
+
+    `assign=True` adopts the tensors themselves (for a model built on the meta device); otherwise
+    they are copied into the model's existing parameters, which an optimizer may already hold.
+    """
+    state = dict(tensors)
+    tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
+    if tied and "transformer.wte.weight" in state:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{source}: weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}, shapes {wrong[:5]}")
+    model.load_state_dict(state, assign=assign)
+    if tied and assign:
+        model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the shared Parameter
+
+
 def save_checkpoint(
     run_dir: str | os.PathLike,
     step: int,
@@ -163,18 +183,7 @@ class Checkpoint:
         config = self.model_config(**config_overrides)
         with torch.device("meta"):  # no point initialising weights that are replaced at once
             model = GPT(config)
-        state = self.tensors(device=device)
-        if config.tie_embeddings and "transformer.wte.weight" in state:
-            state["lm_head.weight"] = state["transformer.wte.weight"]
-        missing = sorted(set(model.state_dict()) - set(state))
-        unexpected = sorted(set(state) - set(model.state_dict()))
-        if missing or unexpected:
-            raise ValueError(
-                f"{self.path / WEIGHTS_FILE} does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        model.load_state_dict(state, assign=True)
-        if config.tie_embeddings:
-            model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the shared Parameter
+        restore_weights(model, self.tensors(device=device), source=self.path / WEIGHTS_FILE, assign=True)
         return model.to(device).eval()
 
 

@@ -29,6 +29,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from minillm import ops
 from minillm.config import GPTConfig
@@ -126,6 +127,8 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # set by the trainer: recompute each block's activations in the backward pass (less memory)
+        self.activation_checkpointing = False
         if config.tie_embeddings:
             # one matrix both reads tokens in and scores them out (GPT-2 does this; saves V x C params)
             self.lm_head.weight = self.transformer.wte.weight
@@ -229,7 +232,10 @@ class GPT(nn.Module):
             pos = step.positions  # (T,) or (B, T): each row continues where its cached tokens end
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if step is None else step.layer(i))
+            if step is None and self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, None if step is None else step.layer(i))
         return self.transformer.ln_f(x)
 
     def forward(
