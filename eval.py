@@ -29,7 +29,7 @@ from minillm.generation_eval import GenerationDataError, GenerationEvalConfig, e
 from minillm.multiple_choice import BenchmarkError, MultipleChoiceConfig, evaluate_multiple_choice
 from minillm.perplexity import PerplexityConfig, evaluate_perplexity
 from minillm.report_card import ReportConfig, build_card, write_report
-from minillm.scoring import resolve_device, resolve_dtype
+from minillm.scoring import DTYPES, resolve_device, resolve_dtype
 from minillm.token_stream import EvalDataError
 
 COMMANDS = {"ppl": PerplexityConfig, "mc": MultipleChoiceConfig, "gen": GenerationEvalConfig, "report": ReportConfig}
@@ -46,6 +46,10 @@ class EvalConfig:
     impl: str = "auto"  # attention/layernorm path: auto, torch or triton
     json: str = ""  # also write all results (per document and question) to this JSON file
     progress: bool = True  # progress lines on stderr
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"EvalConfig.dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
 
 def load(cfg: EvalConfig, path: str):

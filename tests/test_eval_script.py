@@ -146,6 +146,9 @@ def test_errors_are_one_line_and_name_the_problem(tmp_path, run, capsys):
     with pytest.raises(SystemExit) as exit_info:
         eval_script.main(["ppl", "--model", str(run_dir), "--data", str(bad), "--strid", "3"])
     assert exit_info.value.code == 2 and "did you mean --stride" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_script.main(["ppl", "--model", str(run_dir), "--data", str(bad), "--dtype", "float8"])
+    assert "EvalConfig.dtype must be auto or one of float32" in capsys.readouterr().err
     other = tmp_path / "other.bin"
     from minillm.tokenfile import write_tokens
     write_tokens(other, [1, 2, 3], vocab_size=50_000)
