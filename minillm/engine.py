@@ -107,7 +107,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.failure: str | None = None  # set if the scheduler loop itself died (health turns red)
-        self.steps = 0  # decode steps run, for tests and metrics
+        self.steps = 0  # decode steps run
+        self.tokens = 0  # tokens generated, for every job (cancelled ones included)
 
     # ---- called from request threads ----
 
@@ -216,6 +217,7 @@ class Engine:
             slot = self._slots[row]
             for chunk in slot.state.advance(logits[row]):
                 slot.job.events.put(chunk)
+                self.tokens += chunk.token is not None
             if slot.state.finish_reason:
                 self._slots[row] = None
             else:

@@ -284,13 +284,18 @@ def _prompt_items(prompt: Any) -> list:
                f"got {json_type(prompt)}", "invalid_type")
 
 
+def _encode(text: str, served: ServedModel, param: str, where: str) -> list[int]:
+    """Token ids of a text (lone surrogates, which JSON can carry, are read as U+FFFD by the tokenizer)."""
+    try:
+        return encode_prompt(text, served.tokenizer)
+    except ValueError as err:  # an empty prompt and a tokenizer without <|endoftext|>
+        raise _bad(param, f"{where}: {err}") from None
+
+
 def _prompt_ids(item: Any, where: str, served: ServedModel) -> list[int]:
     vocab = served.tokenizer.vocab_size
     if isinstance(item, str):
-        try:
-            return encode_prompt(item, served.tokenizer)
-        except ValueError as err:  # an empty prompt and a tokenizer without <|endoftext|>
-            raise _bad("prompt", f"{where}: {err}") from None
+        return _encode(item, served, "prompt", where)
     if not item:
         raise _bad("prompt", f"{where} is an empty list of token ids")
     for j, t in enumerate(item):
@@ -305,7 +310,7 @@ def parse_chat_request(body: Any, served: ServedModel) -> GenerationRequest:
     """Check a /v1/chat/completions body and render its messages; raises APIError naming the field."""
     n, stream, include_usage = _common(body, served)
     text, stops = render_chat(_messages(body), served.template)
-    prompt = encode_prompt(text, served.tokenizer)
+    prompt = _encode(text, served, "messages", "the conversation")
     _choices_limit(served, 1, n)
     configs, seed = _sampling(body, served, [prompt], n, chat=True, extra_stops=stops)
     return GenerationRequest(True, [prompt], configs, n, stream, include_usage, seed)

@@ -1,29 +1,23 @@
 """The HTTP server: OpenAI-compatible routes over the batching engine, with the standard library only
 (http.server's ThreadingHTTPServer: one thread per connection). The model and its KV cache live in
-minillm.engine's scheduler thread; a request thread checks its request, submits a Job and waits on
-the job's queue, writing the answer as JSON or as server-sent events while tokens arrive.
+minillm.engine's scheduler thread; a request thread checks its request (minillm.openai_api), submits
+a Job and waits on the job's queue, answering with JSON or server-sent events (minillm.answer).
 
-    POST /v1/completions        text completion      } fields, checks and shapes: minillm.openai_api
-    POST /v1/chat/completions   chat (prompt template)}
+    POST /v1/completions        text completion
+    POST /v1/chat/completions   chat, rendered with the checkpoint's prompt template
     GET  /v1/models, /v1/models/{id}
-    GET  /health                {"status": "ok", "busy", "slots", "waiting"}; 503 once the engine stopped
+    GET  /health                {"status": "ok", "model", "busy", "slots", "waiting"}; 503 once the engine stopped
     GET  /metrics               Prometheus text (minillm.metrics)
     GET  /                      the chat page, minillm/static/chat.html
 
-Streaming: `Transfer-Encoding: chunked`, one `data: {json}` event per piece of text (never half a
-UTF-8 character: the engine's text streams release whole characters), a chunk with finish_reason per
-choice, then `data: [DONE]`. An error after the stream has begun (a timeout, a failed model call) is
-sent as a `data: {"error": ...}` event, which OpenAI's client raises, then `[DONE]`.
-
-Limits. Bodies over `max_body_bytes` get 413 unread; POST bodies must be `application/json` (415
-otherwise: this also keeps other web pages from posting to a local server without a CORS preflight)
+Limits. Bodies over `max_body_bytes` get 413 unread; a POST body must be `application/json` (415
+otherwise, which also keeps other web pages from posting to a local server without a CORS preflight)
 with a Content-Length (411). The engine's waiting line is bounded: beyond `queue_size` a request gets
-503 with `Retry-After` at once. Each request has `request_timeout` seconds in all, waiting included;
-then its generation stops (504, or an error event in a stream). While it waits, the request thread
-checks every POLL seconds whether the client has gone (its socket reads end-of-file; a failed write
-when streaming) and, if so, cancels the job, which frees its KV-cache rows at the next step. A client
-that half-closes its socket after sending reads as gone. Every error is OpenAI's error object, and
-the server keeps serving: nothing a request sends can stop the engine.
+503 with `Retry-After` at once; so do connections beyond `max_connections`. A request has
+`request_timeout` seconds in all, waiting included, then its generation stops (504, or an error event
+in a stream); a client that disconnects stops its generation too. Every error is OpenAI's error
+object, http.server's own refusals (a malformed request line, too many headers) included, and the
+server keeps serving: nothing a request sends can stop the engine.
 
 Security. It listens on 127.0.0.1 unless `host` says otherwise. With an API key, /v1/* and /metrics
 need `Authorization: Bearer <key>`, compared with hmac.compare_digest (constant time); /health and
@@ -36,9 +30,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import queue
-import select
-import socket
 import sys
 import threading
 import time
@@ -52,14 +43,13 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from minillm.engine import Engine, Job, JobError, Overloaded
+from minillm.answer import ClientGone, collect, job_events, write_stream
+from minillm.engine import Engine, Job, Overloaded
 from minillm.metrics import ServerMetrics
-from minillm.openai_api import (APIError, GenerationRequest, ServedModel, chat_chunk, chat_response, completion_chunk,
-                                completion_response, error_body, model_object, models_response,
-                                parse_chat_request, parse_completion_request, usage, usage_chunk)
+from minillm.openai_api import (APIError, GenerationRequest, ServedModel, chat_response, completion_response, error_body,
+                                model_object, models_response, parse_chat_request, parse_completion_request, usage)
 
 API_KEY_ENV = "MINILLM_API_KEY"  # serve.py reads the key from here when --api_key is not given
-POLL = 0.1  # seconds between checks that a waiting request's client is still connected
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
 PAGE_HEADERS = {  # the chat page may talk to this server only, and may not be framed
     "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
@@ -109,19 +99,6 @@ def model_name_for(path: str | Path) -> str:
     """The default model id: the run folder's name (`runs/demo/ckpt-00000400` -> "demo")."""
     path = Path(path).resolve()
     return path.parent.name if path.name.startswith("ckpt-") else path.name
-
-
-class ClientGone(Exception):
-    """The client closed its connection: stop working for it."""
-
-
-def client_gone(sock: socket.socket) -> bool:
-    """True when the peer has closed the connection (the socket reads end-of-file) or it broke."""
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-    except (OSError, ValueError):
-        return True
 
 
 class _Call:
@@ -364,99 +341,38 @@ class Server:
                            headers={"Retry-After": "1"}) from None
         call.prompt_tokens = sum(map(len, req.prompts))
         self.metrics.prompt_tokens.inc(call.prompt_tokens)
-        rid = f"{'chatcmpl' if req.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
+        rid, created, name = f"{'chatcmpl' if req.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time()), self.served.name
+        limit = self.config.request_timeout
+        events = job_events(job, call.h.connection, call.start + limit, limit, lambda: self._on_token(call))
         try:
-            if req.stream:
-                self._stream(call, req, job, rid, created)
-            else:
-                self._collect(call, req, job, rid, created)
+            if not req.stream:
+                build = chat_response if req.chat else completion_response
+                choices = collect(events, len(job), req.chat)
+                return self._send_json(call, 200, build(rid, created, name, choices, self._usage(call)))
+            chunked = call.h.request_version != "HTTP/1.0"  # an HTTP/1.0 client reads until the connection closes
+            call.h.send_response(200)
+            headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+                       "X-Accel-Buffering": "no", **self._cors_headers(call)}
+            headers.update({"Transfer-Encoding": "chunked"} if chunked else {"Connection": "close"})
+            for key, value in headers.items():
+                call.h.send_header(key, value)
+            call.h.end_headers()
+            call.status, call.headers_sent, call.h.close_connection = 200, True, not chunked
+            call.status = write_stream(call.h.wfile, events, req, rid, created, name, lambda: self._usage(call),
+                                       chunked) or 200
         finally:
             job.cancel()  # frees the rows of a job that did not finish (client gone, timeout); else a no-op
 
-    def _events(self, call: _Call, job: Job):
-        """The job's Chunks until every choice has finished; raises ClientGone or an APIError."""
-        deadline = call.start + self.config.request_timeout
-        remaining, next_check = len(job), 0.0
-        while remaining:
-            now = time.perf_counter()
-            if now >= deadline:
-                raise APIError(504, f"the request ran past the server's time limit of {self.config.request_timeout:g}s "
-                               f"(request_timeout) and was stopped", type="server_error", code="timeout")
-            try:
-                event = job.events.get(timeout=min(POLL, deadline - now))
-            except queue.Empty:
-                event = None
-            if event is None or time.perf_counter() >= next_check:
-                if client_gone(call.h.connection):
-                    raise ClientGone()
-                next_check = time.perf_counter() + POLL
-            if event is None:
-                continue
-            if isinstance(event, JobError):
-                raise APIError(500, event.message, type="server_error")
-            if event.token is not None:
-                call.completion_tokens += 1
-                self.metrics.completion_tokens.inc()
-                if call.first_token is None:
-                    call.first_token = time.perf_counter() - call.start
-                    self.metrics.ttft.observe(call.first_token, call.route)
-            remaining -= event.finish_reason is not None
-            yield event
+    def _on_token(self, call: _Call) -> None:
+        call.completion_tokens += 1
+        self.metrics.completion_tokens.inc()
+        if call.first_token is None:
+            call.first_token = time.perf_counter() - call.start
+            self.metrics.ttft.observe(call.first_token, call.route)
 
-    def _collect(self, call: _Call, req: GenerationRequest, job: Job, rid: str, created: int) -> None:
-        texts, reasons = [""] * len(job), [""] * len(job)
-        for event in self._events(call, job):
-            texts[event.index] += event.text
-            reasons[event.index] = event.finish_reason or reasons[event.index]
-        if req.chat:
-            texts = [t.lstrip() for t in texts]
-        build = chat_response if req.chat else completion_response
-        used = usage(call.prompt_tokens, call.completion_tokens)
-        self._send_json(call, 200, build(rid, created, self.served.name, list(zip(texts, reasons)), used))
-
-    def _stream(self, call: _Call, req: GenerationRequest, job: Job, rid: str, created: int) -> None:
-        h, name = call.h, self.served.name
-        h.send_response(200)
-        headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-                   "Transfer-Encoding": "chunked", "X-Accel-Buffering": "no", **self._cors_headers(call)}
-        for key, value in headers.items():
-            h.send_header(key, value)
-        h.end_headers()
-        call.status, call.headers_sent = 200, True
-        send = lambda obj: _write_chunk(h, b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")  # noqa: E731
-        if req.chat:  # OpenAI's streams open each choice with the role
-            for k in range(len(job)):
-                send(chat_chunk(rid, created, name, k, {"role": "assistant", "content": ""}))
-        started = [False] * len(job)  # chat: leading whitespace of a reply is dropped
-        try:
-            for event in self._events(call, job):
-                text = event.text
-                if req.chat and not started[event.index]:
-                    text = text.lstrip()
-                    started[event.index] = bool(text)
-                if text:
-                    send(chat_chunk(rid, created, name, event.index, {"content": text}) if req.chat
-                         else completion_chunk(rid, created, name, event.index, text))
-                if event.finish_reason:
-                    send(chat_chunk(rid, created, name, event.index, {}, event.finish_reason) if req.chat
-                         else completion_chunk(rid, created, name, event.index, "", event.finish_reason))
-            if req.include_usage:
-                send(usage_chunk(req.chat, rid, created, name, usage(call.prompt_tokens, call.completion_tokens)))
-        except APIError as err:  # the status line is gone already: the error travels in the stream
-            call.status = err.status
-            send(err.body())
-        _write_chunk(h, b"data: [DONE]\n\n")
-        _write_chunk(h, b"")  # the chunked encoding's end
-
-
-def _write_chunk(h: BaseHTTPRequestHandler, data: bytes) -> None:
-    """One piece of a `Transfer-Encoding: chunked` body (b"" ends it); a broken pipe means the client left."""
-    try:
-        h.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
-        h.wfile.flush()
-    except OSError:
-        raise ClientGone() from None
+    @staticmethod
+    def _usage(call: _Call) -> dict:
+        return usage(call.prompt_tokens, call.completion_tokens)
 
 
 def _no_constants(name: str):

@@ -29,11 +29,12 @@ def tiny_tokenizer() -> Tokenizer:
     return Tokenizer.train(TEXT, vocab_size=300)
 
 
-def tiny_checkpoint(folder: Path, tokenizer: Tokenizer, *, block_size: int = 2048, template=None, seed: int = 0) -> Path:
+def tiny_checkpoint(folder: Path, tokenizer: Tokenizer, *, block_size: int = 2048, template=None, seed: int = 0,
+                    n_layer: int = 2, n_embd: int = 32) -> Path:
     """A random 2-layer GPT saved as a minillm run folder (with the tokenizer, and a template if given).
     block_size 2048 lets a test ask for a generation long enough to still be running when it acts."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32,
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=block_size, n_layer=n_layer, n_head=2, n_embd=n_embd,
                           impl="torch")).eval()
     configs = {} if template is None else {META_KEY: template}
     save_checkpoint(folder, 1, model, configs=configs, writers={TOKENIZER_FILE: tokenizer.save})
