@@ -16,6 +16,7 @@ then one line per request on stderr. Ctrl-C stops it. The API key comes from --a
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from dataclasses import replace
@@ -50,6 +51,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("serve.py: error: --ckpt is required (a minillm checkpoint or run folder, or a Hugging Face GPT-2 folder)")
     cfg = replace(cfg, api_key=cfg.api_key or os.environ.get(API_KEY_ENV, ""))
     pretrained = load(cfg)
+    # subtle: the model, tokenizer and their caches are millions of long-lived objects that every full
+    # garbage collection would scan again; decoding allocates many small ones, so collections come
+    # often. Freezing what exists now keeps them out of every later collection (~20% of a decode step
+    # on a small model went to the collector).
+    gc.freeze()
     print(cli.format_config(replace(cfg, api_key="(set)" if cfg.api_key else "")), file=sys.stderr)
     try:
         server = Server(pretrained, cfg)

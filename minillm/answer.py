@@ -97,17 +97,27 @@ def write_chunk(wfile, data: bytes, chunked: bool = True) -> None:
 
 
 def write_stream(wfile, events: Iterator[Chunk], req: GenerationRequest, rid: str, created: int, model: str,
-                 final_usage: Callable[[], dict], chunked: bool = True) -> int | None:
+                 final_usage: Callable[[], dict], chunked: bool = True, backlog: Callable[[], bool] = lambda: False) -> int | None:
     """Write the events as SSE (the status line and headers are sent already) and end the body.
     Returns the status of an APIError raised on the way, which is sent as an error event (OpenAI's
-    client raises it), or None when the stream completed."""
+    client raises it), or None when the stream completed. While `backlog()` says more events are
+    already waiting, their SSE events are gathered into one write (fewer system calls when this
+    thread falls behind the engine); otherwise each is sent at once."""
+    pending: list[bytes] = []
+
     def send(obj: dict) -> None:
-        write_chunk(wfile, b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n", chunked)
+        pending.append(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
+
+    def flush() -> None:
+        if pending:
+            write_chunk(wfile, b"".join(pending), chunked)
+            pending.clear()
 
     choices, failed = len(req.configs), None
     if req.chat:
         for k in range(choices):
             send(chat_chunk(rid, created, model, k, {"role": "assistant", "content": ""}))
+        flush()
     started = [not req.chat] * choices  # chat: drop whitespace until a reply's first visible character
     try:
         for event in events:
@@ -121,11 +131,14 @@ def write_stream(wfile, events: Iterator[Chunk], req: GenerationRequest, rid: st
             if event.finish_reason:
                 send(chat_chunk(rid, created, model, k, {}, event.finish_reason) if req.chat
                      else completion_chunk(rid, created, model, k, "", event.finish_reason))
+            if not backlog():
+                flush()
         if req.include_usage:
             send(usage_chunk(req.chat, rid, created, model, final_usage()))
     except APIError as err:  # the status line is gone already: the error travels in the stream
         failed = err.status
         send(err.body())
-    write_chunk(wfile, b"data: [DONE]\n\n", chunked)
+    pending.append(b"data: [DONE]\n\n")
+    flush()
     write_chunk(wfile, b"", chunked)  # the end of the chunked body
     return failed

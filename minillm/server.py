@@ -359,7 +359,7 @@ class Server:
             call.h.end_headers()
             call.status, call.headers_sent, call.h.close_connection = 200, True, not chunked
             call.status = write_stream(call.h.wfile, events, req, rid, created, name, lambda: self._usage(call),
-                                       chunked) or 200
+                                       chunked, backlog=lambda: not job.events.empty()) or 200
         finally:
             job.cancel()  # frees the rows of a job that did not finish (client gone, timeout); else a no-op
 

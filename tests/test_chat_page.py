@@ -111,34 +111,40 @@ def browser(tmp_path):
     web.close()
 
 
+def chat(srv, messages: list[dict]) -> dict:
+    """The API's answer for a conversation with the page's settings in the test: greedy, 40 tokens."""
+    return call(srv, "POST", "/v1/chat/completions", {"messages": messages, "temperature": 0, "top_p": 1, "max_tokens": 40})
+
+
 def test_the_chat_page_streams_a_reply_in_a_real_browser(browser, tmp_path):
     logs = []
-    with start_server(tiny_checkpoint(tmp_path / "chat", tiny_tokenizer()), logs) as srv:
+    # a 96-token context window: the second turn no longer fits with the first, so the page must drop it
+    with start_server(tiny_checkpoint(tmp_path / "chat", tiny_tokenizer(), block_size=96), logs) as srv:
         browser.go(srv.url + "/")
         assert browser.wait("return document.getElementById('status').textContent.includes('model: chat')")
         browser.script("document.getElementById('settings').open = true")
         for field, value in (("#temperature", "0"), ("#max_tokens", "40")):
             browser.clear(field)
             browser.type(field, value)
-        browser.type("#input", "Hello, café 🙂" + ENTER)  # Enter sends
+        first = {"role": "user", "content": "Hello, café 🙂"}
+        browser.type("#input", first["content"] + ENTER)  # Enter sends
         reply = browser.wait("""
             const m = document.querySelector('.msg[data-role=assistant]');
             return m && m.dataset.done === 'true' && {text: m.querySelector('.text').textContent,
-                chunks: Number(m.dataset.chunks), finish: m.dataset.finish,
-                user: document.querySelector('.msg[data-role=user]').textContent,
-                errors: document.querySelectorAll('.msg.error').length};""")
-        expected = call(srv, "POST", "/v1/chat/completions", {
-            "model": "chat", "messages": [{"role": "user", "content": "Hello, café 🙂"}], "temperature": 0,
-            "top_p": 1, "max_tokens": 40}).json()["choices"][0]
-        assert reply["errors"] == 0 and reply["user"] == "Hello, café 🙂"
+                chunks: Number(m.dataset.chunks), finish: m.dataset.finish, error: m.classList.contains('error'),
+                user: document.querySelector('.msg[data-role=user]').textContent};""")
+        expected = chat(srv, [first]).json()["choices"][0]
+        assert not reply["error"] and reply["user"] == first["content"]
         assert reply["text"] == expected["message"]["content"] and reply["finish"] == expected["finish_reason"]
         assert reply["chunks"] > 1  # it arrived in pieces, each shown as it came
         assert any('"POST /v1/chat/completions" 200' in line for line in logs)
-        # the conversation goes on: the second turn carries the first
-        browser.type("#input", "And then?" + ENTER)
+
+        second = {"role": "user", "content": "And then?"}
+        browser.type("#input", second["content"] + ENTER)
         assert browser.wait("return document.querySelectorAll('.msg[data-role=assistant][data-done=true]').length === 2")
-        second = browser.script("return document.querySelectorAll('.msg[data-role=assistant] .text')[1].textContent")
-        expected = call(srv, "POST", "/v1/chat/completions", {"messages": [
-            {"role": "user", "content": "Hello, café 🙂"}, {"role": "assistant", "content": reply["text"]},
-            {"role": "user", "content": "And then?"}], "temperature": 0, "max_tokens": 40}).json()["choices"][0]
-        assert second == expected["message"]["content"]
+        text, meta = browser.script("const m = document.querySelectorAll('.msg[data-role=assistant]')[1];"
+                                    "return [m.querySelector('.text').textContent, m.querySelector('.meta').textContent];")
+        whole = chat(srv, [first, {"role": "assistant", "content": reply["text"]}, second])
+        assert whole.status == 400 and whole.json()["error"]["code"] == "context_length_exceeded"
+        assert text == chat(srv, [second]).json()["choices"][0]["message"]["content"]  # answered without turn 1
+        assert "1 oldest turn forgotten to fit the context window" in meta
