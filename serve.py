@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         server.serve_forever()
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
+    finally:
+        gc.unfreeze()  # let shutdown reclaim everything (native bindings report what is never freed)
 
 
 if __name__ == "__main__":
