@@ -181,7 +181,7 @@ class Server:
             self._route(call)
         except APIError as err:
             self._send_error(call, err)
-        except ClientGone:
+        except (ClientGone, ConnectionError, TimeoutError):  # the socket broke or stalled while we answered
             call.status, h.close_connection = 499, True  # nginx's code for "client closed the request"
         except Exception:
             self.log(f"error answering {h.command} {call.path}:\n{traceback.format_exc()}")
@@ -259,7 +259,7 @@ class Server:
             call.h.close_connection = True  # an unread body would be taken for the next request
         try:
             self._send_json(call, err.status, err.body(), err.headers)
-        except ClientGone:
+        except (ClientGone, OSError):
             call.h.close_connection = True
 
     def _preflight(self, call: _Call) -> None:
@@ -323,6 +323,8 @@ class Server:
             raise APIError(400, f"the body is not valid UTF-8: {err}", code="invalid_json") from None
         except ValueError as err:
             raise APIError(400, f"the body is not valid JSON: {err}", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "the body's JSON is nested too deeply", code="invalid_json") from None
 
     # ---- generation ----
 

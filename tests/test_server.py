@@ -234,6 +234,7 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_healthy(server, rou
     (b"{not json", {}, 400, "invalid_json"),
     (b'{"prompt": "x", "temperature": NaN}', {}, 400, "invalid_json"),
     (b'{"prompt": "\xff"}', {}, 400, "invalid_json"),
+    (b"[" * 8000 + b"]" * 8000, {}, 400, "invalid_json"),  # nested deeper than the JSON parser recurses
     (b'{"prompt": "x"}', {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
     (b'{"prompt": "' + b"x" * 20000 + b'"}', {}, 413, "request_too_large"),
 ])
@@ -318,6 +319,18 @@ def test_a_non_streaming_client_that_leaves_frees_its_slot_too(runs):
         sock.close()
         assert wait_for(lambda: srv.engine.stats()["busy"] == 0, timeout=10)
         assert srv.engine.tokens < 1000
+
+
+def test_connections_beyond_the_limit_get_a_503_at_once(runs):
+    with start_server(runs["base"], max_connections=2) as srv:
+        host, port = srv.httpd.server_address[:2]
+        idle = [socket.create_connection((host, port), timeout=10) for _ in range(2)]  # each holds a thread
+        assert wait_for(lambda: srv.httpd.connections._value == 0)
+        refused = raw_exchange(srv, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert refused.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in refused and b'"overloaded"' in refused
+        for sock in idle:
+            sock.close()
+        assert wait_for(lambda: call(srv, "GET", "/health").status == 200)
 
 
 def test_the_time_limit_stops_a_generation(runs):
