@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         print(f"serve.py: warning: listening on {cfg.host} without an API key: anyone who can reach it can use it",
               file=sys.stderr)
+    cache = server.engine.cache
+    cache_mb = sum(t.numel() * t.element_size() for t in cache.keys + cache.values) / 2**20
+    print(f"batch: up to {cache.batch_size} sequences at once, KV cache {cache_mb:.1f} MiB "
+          f"({cache.max_len} positions each); up to {cfg.queue_size} requests wait for a slot", file=sys.stderr)
     print(f"serving {server.served.name} on {server.url} (chat page: {server.url}/, API: {server.url}/v1, "
           f"auth: {'bearer key' if cfg.api_key else 'none'}); Ctrl-C stops", file=sys.stderr, flush=True)
     try:
