@@ -7,7 +7,7 @@ a Job and waits on the job's queue, answering with JSON or server-sent events (m
     POST /v1/chat/completions   chat, rendered with the checkpoint's prompt template
     GET  /v1/models, /v1/models/{id}
     GET  /health                {"status": "ok", "model", "busy", "slots", "waiting"}; 503 once the engine stopped
-    GET  /metrics               Prometheus text (minillm.metrics)
+    GET  /metrics               Prometheus text (minillm.prometheus)
     GET  /                      the chat page, minillm/static/chat.html
 
 Limits. Bodies over `max_body_bytes` get 413 unread; a POST body must be `application/json` (415
@@ -45,7 +45,7 @@ from urllib.parse import urlsplit
 
 from minillm.answer import ClientGone, collect, job_events, write_stream
 from minillm.engine import Engine, Job, Overloaded
-from minillm.metrics import ServerMetrics
+from minillm.prometheus import ServerMetrics
 from minillm.openai_api import (APIError, GenerationRequest, ServedModel, chat_response, completion_response, error_body,
                                 model_object, models_response, parse_chat_request, parse_completion_request, usage)
 
