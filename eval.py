@@ -20,15 +20,17 @@ generation_eval.py and report_card.py.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 
 from minillm import cli
 from minillm.generation_eval import GenerationDataError, GenerationEvalConfig, evaluate_generation
 from minillm.multiple_choice import BenchmarkError, MultipleChoiceConfig, evaluate_multiple_choice
-from minillm.perplexity import EvalDataError, PerplexityConfig, evaluate_perplexity
+from minillm.perplexity import PerplexityConfig, evaluate_perplexity
 from minillm.report_card import ReportConfig, build_card, write_report
-from minillm.scoring import resolve_device, resolve_dtype
+from minillm.scoring import DTYPES, resolve_device, resolve_dtype
+from minillm.token_stream import EvalDataError
 
 COMMANDS = {"ppl": PerplexityConfig, "mc": MultipleChoiceConfig, "gen": GenerationEvalConfig, "report": ReportConfig}
 
@@ -44,6 +46,10 @@ class EvalConfig:
     impl: str = "auto"  # attention/layernorm path: auto, torch or triton
     json: str = ""  # also write all results (per document and question) to this JSON file
     progress: bool = True  # progress lines on stderr
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"EvalConfig.dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
 
 def load(cfg: EvalConfig, path: str):
@@ -129,10 +135,21 @@ def run_report(cfg: EvalConfig, task: ReportConfig, runs: list[str], command: st
              "samples": c.samples} for c in cards]
 
 
+def json_safe(value):
+    """NaN and infinity (an undefined standard error, a document without tokens) as null: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_jsonl(path: str, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json.dumps(json_safe(row), ensure_ascii=False) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if cfg.json:
         with open(cfg.json, "w", encoding="utf-8") as f:
-            json.dump({"command": command, "results": results}, f, indent=2, default=str)
+            json.dump(json_safe({"command": command, "results": results}), f, indent=2, default=str)
         print(f"results: {cfg.json}")
     return 0
 

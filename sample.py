@@ -34,7 +34,7 @@ import torch
 
 from minillm import cli
 from minillm.generate import SamplingConfig, encode_prompt, generate, generate_iter, prepare_for_decoding
-from minillm.hf import load_pretrained
+from minillm.hf import load_pretrained, resolve_device_and_dtype
 
 
 @dataclass
@@ -65,11 +65,7 @@ def unescape(text: str) -> str:
 
 
 def pick_device_and_dtype(cfg: SampleConfig) -> tuple[str, torch.dtype]:
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    if cfg.dtype != "auto":
-        return device, getattr(torch, cfg.dtype)
-    fast_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-    return device, torch.bfloat16 if fast_bf16 else torch.float32
+    return resolve_device_and_dtype(cfg.device, cfg.dtype)
 
 
 def read_prompt(cfg: SampleConfig) -> str:

@@ -32,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from minillm import cli  # noqa: E402
 from minillm.config import GPTConfig  # noqa: E402
 from minillm.hf import config_to_hf, model_from_state, state_from_hf  # noqa: E402
-from minillm.perplexity import TokenStream, score_stream  # noqa: E402
+from minillm.perplexity import score_stream  # noqa: E402
 from minillm.scoring import autocast, resolve_device, resolve_dtype  # noqa: E402
+from minillm.token_stream import TokenStream  # noqa: E402
 from minillm.tokenfile import IGNORE_INDEX, eval_windows  # noqa: E402
 
 

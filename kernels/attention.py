@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.placement import device_reason, is_interpreted
+
 MAX_HEAD_SIZE = 128
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LN2 = math.log(2.0)
@@ -288,7 +290,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,  # Q, DO (B, nh, Tq, hs); K
 # 3. Launchers: tile sizes per kernel, dtype and head size; the grids; the buffers.
 # ----------------------------------------------------------------------------------------------------
 
-INTERPRETED = type(_attn_fwd_kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 at import
+INTERPRETED = is_interpreted(_attn_fwd_kernel)  # TRITON_INTERPRET=1 at import
 
 
 @dataclass(frozen=True)
@@ -429,13 +431,9 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
         return f"expects q (B, nh, Tq, hs), k and v (B, nh, Tk, hs); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
         return f"needs q, k, v of one dtype among fp16, bf16, fp32, fp64; got {q.dtype}, {k.dtype}, {v.dtype}"
-    if not (q.device == k.device == v.device):
-        return f"q, k, v are on different devices ({q.device}, {k.device}, {v.device})"
-    if q.device.type != "cuda" and not (INTERPRETED and q.device.type == "cpu"):
-        return (f"tensors are on {q.device}: the kernels need a CUDA device, or CPU tensors with "
-                f"TRITON_INTERPRET=1 set before `kernels` is imported (Triton's interpreter)")
-    if q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 0):
-        return f"needs a GPU of compute capability 8.0 or newer (bf16, tensor-core layouts); {q.device} is older"
+    reason = device_reason([q, k, v], "q, k, v", INTERPRETED)
+    if reason:
+        return reason
     if not 1 <= q.shape[3] <= MAX_HEAD_SIZE:
         return f"head size {q.shape[3]} is outside the supported 1..{MAX_HEAD_SIZE}"
     if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] * q.shape[1] == 0:

@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.placement import device_reason, is_interpreted
+
 MAX_WIDTH = 16384
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -141,7 +143,7 @@ def _ln_bwd_reduce_kernel(PART, OUT,  # PART (P, N) partial sums in ACC dtype; O
 # 3. Launchers: tile shape and warps from the row width; the number of backward programs.
 # ----------------------------------------------------------------------------------------------------
 
-INTERPRETED = type(_ln_fwd_kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 at import
+INTERPRETED = is_interpreted(_ln_fwd_kernel)  # TRITON_INTERPRET=1 at import
 # elements per tile: the backward holds five row tiles at once (x, dy, xhat, and two partial sums)
 FWD_TILE, BWD_TILE = 4096, 2048
 
@@ -246,13 +248,9 @@ def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     tensors = [x, weight] + ([bias] if bias is not None else [])
     if any(t.dtype not in DTYPES for t in tensors):
         return f"supports fp16, bf16, fp32, fp64; got {', '.join(str(t.dtype) for t in tensors)}"
-    if any(t.device != x.device for t in tensors):
-        return f"x, weight and bias are on different devices ({', '.join(str(t.device) for t in tensors)})"
-    if x.device.type != "cuda" and not (INTERPRETED and x.device.type == "cpu"):
-        return (f"tensors are on {x.device}: the kernels need a CUDA device, or CPU tensors with "
-                f"TRITON_INTERPRET=1 set before `kernels` is imported (Triton's interpreter)")
-    if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
-        return f"needs a GPU of compute capability 8.0 or newer (bf16 support); {x.device} is older"
+    reason = device_reason(tensors, "x, weight and bias", INTERPRETED)
+    if reason:
+        return reason
     if not 1 <= n <= MAX_WIDTH:
         return f"row width {n} is outside the supported 1..{MAX_WIDTH} (a row must fit in one program)"
     if x.numel() == 0:

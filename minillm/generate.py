@@ -9,8 +9,10 @@ and the server all call this).
 The building blocks are public so a server can batch continuously on top of them (requests joining
 and leaving one KV cache): `prefill(model, cache, prompts, rows)` fills some rows of a cache,
 `decode_step(model, cache, tokens, rows)` advances some rows by one token, `TokenSampler` holds one
-sequence's sampling state and `TextStream` its text. `generate_iter` is the batch loop built from
-them; `generate` collects its output and `stream` yields one prompt's text as it is produced.
+sequence's sampling state and `TextStream` its text, and `SequenceState` ties them together: given
+a sequence's next-token logits it picks the token and says what text it released and whether the
+sequence ended. `generate_iter` is the batch loop built from them (and `minillm.engine` the server's);
+`generate` collects its output and `stream` yields one prompt's text as it is produced.
 
 Batches: prompts of different lengths run together. The prefill right-pads them (the causal mask
 keeps every real token from seeing the padding after it) and then cuts each row back to its own
@@ -297,6 +299,52 @@ class Completion:
     seed: int = 0
 
 
+def stop_ids_for(config: SamplingConfig, tokenizer=None) -> set[int]:
+    """The token ids that end a sample: the config's stop tokens, and <|endoftext|> if it asks."""
+    ids = set(config.stop_tokens)
+    if config.stop_at_eot and getattr(tokenizer, "eot_id", None) is not None:
+        ids.add(tokenizer.eot_id)
+    return ids
+
+
+class SequenceState:
+    """One sequence being generated: its tokens so far (prompt included), its sampler, its text and,
+    once it has ended, why. `advance` takes the logits for its next token and returns the Chunks
+    that token makes; `generate_iter` and the server's scheduler both drive sequences through it,
+    so the stop rules live in one place."""
+
+    def __init__(self, index: int, context: list[int], config: SamplingConfig, model, tokenizer=None, seed: int = 0):
+        weight = model.transformer.wte.weight
+        allowed = tokenizer.vocab_size if tokenizer is not None else None
+        self.index, self.context, self.config = index, context, config
+        self.sampler = TokenSampler(config, model.config.vocab_size, context, seed, weight.device, allowed)
+        self.text = TextStream(tokenizer, config.stop) if tokenizer is not None else None
+        self.stop_ids = stop_ids_for(config, tokenizer)
+        self.produced = 0  # tokens generated so far (a stop token not counted)
+        self.finish_reason: str | None = None  # "stop" or "length" once ended
+
+    def advance(self, logits: torch.Tensor) -> list[Chunk]:
+        """Pick the next token from `logits` (vocab_size,): one Chunk for it, plus a closing Chunk
+        (token None, finish_reason set) if the sequence ends here."""
+        token = self.sampler(logits)
+        if token in self.stop_ids:
+            return [self._finish("stop")]
+        logprob = float(torch.log_softmax(logits, dim=-1)[token])
+        self.context.append(token)
+        self.produced += 1
+        chunks = [Chunk(self.index, token, self.text.push(token) if self.text else "", logprob)]
+        if self.text is not None and self.text.stopped:
+            chunks.append(self._finish("stop"))
+        elif self.produced == self.config.max_new_tokens:
+            chunks.append(self._finish("length"))
+        return chunks
+
+    def _finish(self, reason: str) -> Chunk:
+        self.finish_reason = reason
+        rest = self.text.finish() if self.text is not None else ""
+        return Chunk(self.index, None, rest, finish_reason=reason)
+
+
 def encode_prompt(prompt: str | Sequence[int], tokenizer=None) -> list[int]:
     """Token ids of a prompt given as text (needs the tokenizer; special tokens written in it count)
     or as ids. An empty prompt starts from <|endoftext|>, as GPT-2 samples unconditionally."""
@@ -331,17 +379,9 @@ def generate_iter(model, prompts: Sequence[str | Sequence[int]], config: Samplin
     shift = config.context_shift or max(1, block // 4)
     if shift > block:
         raise ValueError(f"context_shift {shift} is larger than the block size {block}")
-    stop_ids = set(config.stop_tokens)
-    if config.stop_at_eot and getattr(tokenizer, "eot_id", None) is not None:
-        stop_ids.add(tokenizer.eot_id)
     base_seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
-    weight = model.transformer.wte.weight
-    allowed = tokenizer.vocab_size if tokenizer is not None else None
-    samplers = [TokenSampler(config, model.config.vocab_size, ctx, base_seed + i, weight.device, allowed)
-                for i, ctx in enumerate(contexts)]
-    texts = [TextStream(tokenizer, config.stop) if tokenizer is not None else None for _ in contexts]
+    states = [SequenceState(i, ctx, config, model, tokenizer, base_seed + i) for i, ctx in enumerate(contexts)]
     starts = [window_start(len(ctx), block, shift) for ctx in contexts]  # first token in the window
-    produced = [0] * len(contexts)
     cache = KVCache.for_model(model, len(contexts))
     was_training = model.training
     model.eval()
@@ -353,19 +393,10 @@ def generate_iter(model, prompts: Sequence[str | Sequence[int]], config: Samplin
         while active:
             decoding, refilling = [], []
             for j, i in enumerate(active):
-                token = samplers[i](logits[j])
-                if token in stop_ids:
-                    yield Chunk(i, None, texts[i].finish() if texts[i] else "", finish_reason="stop")
+                yield from states[i].advance(logits[j])
+                if states[i].finish_reason:
                     continue
-                logprob = float(torch.log_softmax(logits[j], dim=-1)[token])
-                contexts[i].append(token)
-                produced[i] += 1
-                yield Chunk(i, token, texts[i].push(token) if texts[i] else "", logprob)
-                if texts[i] is not None and texts[i].stopped:
-                    yield Chunk(i, None, "", finish_reason="stop")
-                elif produced[i] == config.max_new_tokens:
-                    yield Chunk(i, None, texts[i].finish() if texts[i] else "", finish_reason="length")
-                elif window_start(len(contexts[i]), block, shift) != starts[i]:
+                if window_start(len(contexts[i]), block, shift) != starts[i]:
                     refilling.append(i)  # the window slides: re-encode what it keeps
                 else:
                     decoding.append(i)

@@ -297,6 +297,16 @@ class Pretrained:
     source: str  # what was loaded, for messages
 
 
+def resolve_device_and_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str, torch.dtype]:
+    """The device and dtype to run inference in (sample.py's and serve.py's --device/--dtype): "auto"
+    is cuda when available, else cpu; and bfloat16 on a GPU that has it, else float32."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if dtype != "auto":
+        return device, getattr(torch, dtype)
+    fast_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    return device, torch.bfloat16 if fast_bf16 else torch.float32
+
+
 def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                     **config_overrides) -> Pretrained:
     """The one loader for sampling, evaluation and serving: a minillm checkpoint folder, a run folder

@@ -31,6 +31,7 @@ import math
 import random
 import shutil
 import signal
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -366,7 +367,7 @@ def train(
                            "skipped": bool(note)})
             last = completed == config.max_steps
             if completed % config.log_every == 0 or last or note:
-                eta = (config.max_steps - completed) * sum(step_times) / len(step_times)
+                eta = (config.max_steps - completed) * statistics.median(step_times)  # robust to a slow first (compiling) step
                 say(format_step(completed, config.max_steps, last_loss, lr, 1000 * step_s, tok_s, mfu, eta, note))
             if (config.eval_every and completed % config.eval_every == 0) or last:
                 run_eval(completed)

@@ -100,8 +100,10 @@ def test_mc_and_gen_commands_write_predictions(tmp_path, run, capsys):
                                  "choices": {"text": ["ice", "steam"], "label": ["A", "B"]}}) + "\n")
     preds = tmp_path / "mc_preds.jsonl"
     assert eval_script.main(["mc", "--model", str(run_dir), "--data", str(bench), "--predictions", str(preds),
-                             "--no-progress"]) == 0
+                             "--json", str(tmp_path / "mc.json"), "--no-progress"]) == 0
     assert f"{bench} (arc): acc " in capsys.readouterr().out
+    saved = json.loads((tmp_path / "mc.json").read_text())["results"][0]  # strict JSON: one question has no stderr
+    assert saved["questions"] == 1 and saved["acc_stderr"] is None and saved["acc"] in (0.0, 1.0)
     row = json.loads(preds.read_text())
     assert row["id"] == "q" and row["label"] == 1 and len(row["logprobs"]) == 2
     qa = tmp_path / "qa.jsonl"
@@ -144,6 +146,9 @@ def test_errors_are_one_line_and_name_the_problem(tmp_path, run, capsys):
     with pytest.raises(SystemExit) as exit_info:
         eval_script.main(["ppl", "--model", str(run_dir), "--data", str(bad), "--strid", "3"])
     assert exit_info.value.code == 2 and "did you mean --stride" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_script.main(["ppl", "--model", str(run_dir), "--data", str(bad), "--dtype", "float8"])
+    assert "EvalConfig.dtype must be auto or one of float32" in capsys.readouterr().err
     other = tmp_path / "other.bin"
     from minillm.tokenfile import write_tokens
     write_tokens(other, [1, 2, 3], vocab_size=50_000)
@@ -151,3 +156,29 @@ def test_errors_are_one_line_and_name_the_problem(tmp_path, run, capsys):
     assert "made with a tokenizer of 50,000 ids" in capsys.readouterr().err
     assert eval_script.main(["report", "--no-progress"]) == 1
     assert "name the run folder" in capsys.readouterr().err
+
+
+def test_report_card_of_a_real_training_run(tmp_path, tokenizer, capsys):
+    """The trainer's own files (train.py in-process): the card reads what it wrote."""
+    import train as train_script
+    from minillm.runlog import read_metrics
+
+    data = make_prepared(tmp_path / "data", tokenizer, {"train": [CORPUS[i : i + 200] for i in range(0, 1200, 200)],
+                                                        "val": [CORPUS[:150], CORPUS[150:300]], "test": [CORPUS[300:450]]})
+    out = tmp_path / "run"
+    assert train_script.main([f"--data={data}", f"--out_dir={out}", "--model=tiny", "--n_layer=1", "--n_embd=16",
+                              "--n_head=2", "--block_size=16", "--batch_size=2", "--max_steps=6", "--eval_every=3",
+                              "--checkpoint_every=3", "--eval_batches=1", "--samples=0", "--log_every=100"]) == 0
+    assert eval_script.main(["report", str(out), "--samples", "1", "--sample_tokens", "3", "--no-progress"]) == 0
+    capsys.readouterr()
+    report = (out / "report.md").read_text()
+    records = read_metrics(out / "metrics.jsonl")
+    train_records = [r for r in records if r["kind"] == "train"]
+    val_records = [r for r in records if r["kind"] == "val"]
+    assert f"| tokens seen | {train_records[-1]['tokens']:,} |" in report
+    seconds = sum(r["ms"] for r in train_records) / 1000
+    assert f"| training time | {format_duration(seconds)} (6 steps, " in report
+    assert f"| final train loss | {train_records[-1]['loss']:.4f} at step 6" in report
+    assert f"| final val loss | {val_records[-1]['val_loss']:.4f} " in report
+    assert f"| perplexity on {data / 'val.bin'} | loss " in report and f"| perplexity on {data / 'test.bin'} | loss " in report
+    assert "(loss.svg)" in report and (out / "loss.svg").is_file()

@@ -16,14 +16,8 @@ from eval_fixtures import CORPUS, bpe_tokenizer, make_prepared, tiny_gpt
 from minillm import scoring
 from minillm.model import IGNORE_INDEX
 from minillm.tokenizer import Tokenizer
-from minillm.perplexity import (
-    EvalDataError,
-    PerplexityConfig,
-    evaluate_perplexity,
-    numbered_windows,
-    safe_cut,
-    text_pieces,
-)
+from minillm.perplexity import PerplexityConfig, evaluate_perplexity, numbered_windows
+from minillm.token_stream import EvalDataError, safe_cut, text_pieces
 
 
 
