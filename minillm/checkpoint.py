@@ -15,6 +15,11 @@ then renamed to its final name; a rename within a folder is atomic, so a crash (
 a save leaves the previous checkpoints whole and at worst a `.tmp` folder, which the next save
 removes. Old checkpoints beyond `keep_last` are deleted the same way round: renamed away first.
 
+Finetuned models are saved the same way: a classifier (`minillm.classify`) has GPT's weights minus
+lm_head plus `classifier.*`, and a "classifier" section in minillm.json; a LoRA model
+(`minillm.lora`) has GPT's weights plus `*.lora_A`/`*.lora_B` and a "lora" section, and
+`Checkpoint.model()` merges its adapters into the weights.
+
 Nothing here unpickles: weights are safetensors (our own reader), everything else JSON.
 """
 
@@ -41,6 +46,9 @@ FORMAT = "minillm-checkpoint"
 VERSION = 1
 META_FILE = "minillm.json"
 WEIGHTS_FILE = "model.safetensors"
+# minillm.json sections that change what the weights are: a classifier head (minillm.classify) and
+# LoRA adapters (minillm.lora); `Checkpoint.model()` reads the second and refuses the first
+CLASSIFIER_KEY, LORA_KEY = "classifier", "lora"
 _NAME = re.compile(r"^ckpt-(\d+)$")
 
 
@@ -57,16 +65,18 @@ def model_tensors(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def restore_weights(model: GPT, tensors: dict[str, torch.Tensor], *, source: str | os.PathLike, assign: bool = False) -> None:
-    """Load saved `tensors` into `model`, re-tying a tied head; a mismatch names `source`.
+    """Load saved `tensors` into `model`, re-tying a tied head; a mismatch names `source`. Works for
+    any model whose state dict uses GPT's names plus its own (a classifier head, LoRA adapters).
 
     `assign=True` adopts the tensors themselves (for a model built on the meta device); otherwise
     they are copied into the model's existing parameters, which an optimizer may already hold.
     """
     state = dict(tensors)
-    tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
+    expected = model.state_dict()
+    # a classifier has no lm_head (its head is replaced), so there is no alias to re-tie
+    tied = getattr(getattr(model, "config", None), "tie_embeddings", False) and "lm_head.weight" in expected
     if tied and "transformer.wte.weight" in state:
         state["lm_head.weight"] = state["transformer.wte.weight"]
-    expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if missing or unexpected or wrong:
@@ -178,12 +188,32 @@ class Checkpoint:
         path = self.path / TOKENIZER_FILE
         return Tokenizer.load(path) if path.is_file() else None
 
+    def lora_config(self):
+        """The LoRA settings of a checkpoint whose weights include low-rank adapters, else None."""
+        from minillm.lora import LoRAConfig  # imported here: only LoRA checkpoints need it
+
+        data = self.meta.get(LORA_KEY)
+        return None if data is None else cli.from_dict(LoRAConfig, data, source=f"{self.path / META_FILE} [{LORA_KEY}]")
+
     def model(self, device: str | torch.device = "cpu", **config_overrides) -> GPT:
-        """The GPT with the saved weights, on `device`, in eval mode (e.g. `impl="torch"` to force a path)."""
+        """The GPT with the saved weights, on `device`, in eval mode (e.g. `impl="torch"` to force a path).
+        LoRA adapters, if the checkpoint has them, are merged into the weights they adapt."""
+        if CLASSIFIER_KEY in self.meta:
+            raise ValueError(f"{self.path} holds a classifier, not a language model: "
+                             f"load it with minillm.classify.load_classifier (or finetune.py classify --predict)")
         config = self.model_config(**config_overrides)
+        lora = self.lora_config()
         with torch.device("meta"):  # no point initialising weights that are replaced at once
             model = GPT(config)
+            if lora is not None:
+                from minillm.lora import add_lora
+
+                add_lora(model, lora)
         restore_weights(model, self.tensors(device=device), source=self.path / WEIGHTS_FILE, assign=True)
+        if lora is not None:
+            from minillm.lora import merge_lora
+
+            merge_lora(model)
         return model.to(device).eval()
 
 

@@ -186,9 +186,16 @@ def train(
     flops_per_token: float | None = None,
     checkpoint_configs: dict[str, Any] | None = None,
     checkpoint_writers: dict[str, Callable[[Path], None]] | None = None,
+    on_step: Callable[[int], None] | None = None,
     print_fn: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Train `model` (already on `dist.device`) as `config` says; see the module docstring."""
+    """Train `model` (already on `dist.device`) as `config` says; see the module docstring.
+
+    `on_step(step)`, if given, runs at the start of every optimizer step (0-based), before its
+    batches: e.g. gradual unfreezing flips `requires_grad` there. It must depend on `step` alone, so
+    a resumed run follows the same schedule. Parameters that will ever train must require grad
+    when `train` is called (the optimizer is built from them); one that has no gradient in a step
+    (requires_grad turned off) is left untouched by that step, weight decay included."""
     dist = dist or DistInfo(device=next(model.parameters()).device)
     device, main = dist.device, dist.is_main
     say = print_fn if main else (lambda _: None)
@@ -204,7 +211,7 @@ def train(
                             betas=(config.beta1, config.beta2), device=device)
     out_dir = config.out_dir
     if main:
-        _claim_out_dir(out_dir, config)
+        claim_out_dir(out_dir, config)
     metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=main)
 
     # where to start: fresh, or exactly where the newest checkpoint left off
@@ -302,6 +309,8 @@ def train(
     with _stop_on_ctrl_c(enabled=not dist.distributed, say=say) as interrupted:
         for step in range(start_step, config.max_steps):
             t0 = time.perf_counter()
+            if on_step is not None:
+                on_step(step)
             torch.manual_seed(config.seed + 1_000_003 * step + dist.rank)  # dropout: a pure function of (seed, step, rank)
             lr = lr_at(step, peak=config.learning_rate, warmup_steps=config.warmup_steps,
                        max_steps=config.max_steps, min_lr_ratio=config.min_lr_ratio)
@@ -383,8 +392,9 @@ def train(
     )
 
 
-def _claim_out_dir(out_dir: Path, config: TrainConfig) -> None:
-    """Make `out_dir`, refusing to mix a new run into an earlier one's checkpoints and metrics."""
+def claim_out_dir(out_dir: Path, config: TrainConfig) -> None:
+    """Make `out_dir`, refusing to mix a new run into an earlier one's checkpoints and metrics.
+    `train` calls it; a job that writes into `out_dir` before training calls it first."""
     out_dir.mkdir(parents=True, exist_ok=True)
     earlier = list_checkpoints(out_dir) + [p for p in (out_dir / "metrics.jsonl", out_dir / "loss.svg") if p.exists()]
     if config.resume or not earlier:

@@ -196,6 +196,35 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path):
     assert result.steps == 2 and any("no checkpoint" in line for line in lines)
 
 
+def test_on_step_hook_runs_before_every_step_and_frozen_parameters_stay_put(tmp_path):
+    """The hook gradual unfreezing uses: called with each 0-based step, also after a resume; a
+    parameter it leaves without requires_grad gets no update that step, weight decay included."""
+    seen = []
+
+    def freeze_embeddings_first(step):
+        seen.append(step)
+        model.transformer.wte.weight.requires_grad_(step >= 3)
+
+    def go(out, **overrides):
+        settings = dict(out_dir=out, max_steps=5, batch_size=4, warmup_steps=1, eval_every=0, checkpoint_every=3,
+                        learning_rate=3e-3, weight_decay=0.5)
+        train(model, TrainConfig(**{**settings, **overrides}), RandomWindows(corpus(), 4, MODEL.block_size, seed=0),
+              on_step=freeze_embeddings_first, print_fn=lambda _: None)
+
+    torch.manual_seed(0)
+    model = GPT(MODEL)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    go(tmp_path)
+    assert seen == [0, 1, 2, 3, 4]
+    at3 = load_checkpoint(tmp_path / "ckpt-00000003").tensors()
+    assert torch.equal(at3["transformer.wte.weight"], start["transformer.wte.weight"])
+    assert not torch.equal(at3["transformer.h.0.mlp.c_fc.weight"], start["transformer.h.0.mlp.c_fc.weight"])
+    assert not torch.equal(model.transformer.wte.weight, start["transformer.wte.weight"])  # unfrozen at step 3
+    seen.clear()
+    go(tmp_path, resume=True, max_steps=7)
+    assert seen == [5, 6]
+
+
 def test_non_finite_steps_are_skipped_then_stop(tmp_path):
     calls = {"n": 0}
 
