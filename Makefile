@@ -37,8 +37,9 @@ demo: $(STAMP)
 	$(PY) prepare.py --out data/demo
 	$(PY) train.py --data=data/demo --out_dir=$(DEMO_DIR) --overwrite --model=mini --max_steps=$(DEMO_STEPS) \
 		--batch_size=16 --learning_rate=2e-3 --warmup_steps=50 --eval_every=100 --checkpoint_every=200 --log_every=20
+	$(PY) eval.py report $(DEMO_DIR)
 	$(PY) sample.py --ckpt $(DEMO_DIR) --prompt "The module" --max_new_tokens 60 --temperature 0.7 --seed 1
-	@echo "demo done: corpus report data/demo/report.json | checkpoint $(DEMO_DIR) | loss curve $(DEMO_DIR)/loss.svg"
+	@echo "demo done: corpus report data/demo/report.json | checkpoint $(DEMO_DIR) | report card $(DEMO_DIR)/report.md | loss curve $(DEMO_DIR)/loss.svg"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
