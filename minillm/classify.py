@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from minillm import cli
 from minillm.checkpoint import CLASSIFIER_KEY, LORA_KEY, load_checkpoint, restore_weights
 from minillm.config import GPTConfig
-from minillm.finetuning import ExampleBatches, FinetuneConfig, TrainableSchedule, check_train_config, load_base
+from minillm.finetuning import ExampleBatches, FinetuneConfig, TrainableSchedule, finetune_start
 from minillm.labelled import BALANCE, LabelledText, load_labelled
 from minillm.lora import ADAPTERS_FILE, LoRAConfig, add_lora, merge_lora, save_adapters
 from minillm.metrics import classification_report
@@ -210,19 +210,11 @@ def predict_texts(model: GPTClassifier, tokenizer, meta: dict[str, Any], texts: 
 def finetune_classifier(ft: FinetuneConfig, cc: ClassifyConfig, source: SourceConfig, lora: LoRAConfig,
                         train_config, print_fn=print) -> dict[str, Any]:
     """The whole `finetune.py classify` job; returns the scores written to scores.json."""
-    from minillm.distributed import setup, teardown
     from minillm.tokenizer import TOKENIZER_FILE
     from minillm.trainer import train
 
-    check_train_config(train_config)
-    dist = setup(train_config.device)
-    say = print_fn if dist.is_main else (lambda *_: None)
-    try:
-        if ft.unfreeze_every and dist.distributed:
-            raise ValueError("gradual unfreezing runs in one process (DistributedDataParallel needs every trained "
-                             "parameter to get a gradient at every step)")
-        torch.manual_seed(train_config.seed)
-        base = load_base(ft, dist.device)
+    with finetune_start(ft, train_config, print_fn) as start:
+        dist, base, say = start.dist, start.base, start.say
         tokenizer = base.tokenizer
         data = load_labelled(data=cc.data, source=source, tokenizer=tokenizer, seed=train_config.seed,
                              val_fraction=cc.val_fraction, test_fraction=cc.test_fraction, balance=cc.balance,
@@ -277,8 +269,6 @@ def finetune_classifier(ft: FinetuneConfig, cc: ClassifyConfig, source: SourceCo
             say(f"\nscores: {path}\ncheckpoint: {result.checkpoint}\n"
                 f"predict: python finetune.py classify --ckpt {train_config.out_dir} --predict \"some text\"")
         return scores
-    finally:
-        teardown(dist)
 
 
 def predict_main(cc: ClassifyConfig, out_dir: Path, device: str = "cpu", print_fn=print) -> list:

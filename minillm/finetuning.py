@@ -25,7 +25,8 @@ it are the batch source's checkpointed state, so a resumed run sees the same bat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,3 +177,32 @@ def check_train_config(train_config) -> None:
     if train_config.tokens_per_step:
         raise ValueError("--tokens_per_step is for pretraining's fixed-size windows; finetuning batches vary in "
                          "length: set the number of examples per step with --batch_size")
+
+
+@dataclass
+class FinetuneStart:
+    """What every finetuning job begins with: its process group, the pretrained model, and a print
+    that only rank 0 speaks through."""
+
+    dist: DistInfo
+    base: Any  # minillm.hf.Pretrained
+    say: Callable[..., None]
+
+
+@contextmanager
+def finetune_start(ft: FinetuneConfig, train_config, print_fn=print) -> Iterator[FinetuneStart]:
+    """Check the settings, join the process group (one process, or one per torchrun rank), seed and
+    load the base model; the process group is torn down however the job ends."""
+    from minillm.distributed import setup, teardown
+
+    check_train_config(train_config)
+    dist = setup(train_config.device)
+    try:
+        if ft.unfreeze_every and dist.distributed:
+            raise ValueError("gradual unfreezing runs in one process (DistributedDataParallel needs every trained "
+                             "parameter to get a gradient at every step)")
+        torch.manual_seed(train_config.seed)
+        base = load_base(ft, dist.device)
+        yield FinetuneStart(dist, base, print_fn if dist.is_main else (lambda *_: None))
+    finally:
+        teardown(dist)

@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from minillm import cli
 from minillm.checkpoint import LORA_KEY
-from minillm.finetuning import ExampleBatches, FinetuneConfig, TrainableSchedule, check_train_config, load_base
+from minillm.finetuning import ExampleBatches, FinetuneConfig, TrainableSchedule, finetune_start
 from minillm.lora import ADAPTERS_FILE, LoRAConfig, save_adapters
 from minillm.model import IGNORE_INDEX
 from minillm.prompts import META_KEY, PromptTemplate
@@ -172,19 +172,11 @@ def respond(model, tokenizer, template: PromptTemplate, records: list[dict], out
 def finetune_instruct(ft: FinetuneConfig, ic: InstructConfig, template: PromptTemplate, lora: LoRAConfig,
                       train_config, print_fn=print) -> dict[str, Any]:
     """The whole `finetune.py instruct` job; returns the scores written to scores.json."""
-    from minillm.distributed import setup, teardown
     from minillm.tokenizer import TOKENIZER_FILE
     from minillm.trainer import claim_out_dir, train
 
-    check_train_config(train_config)
-    dist = setup(train_config.device)
-    say = print_fn if dist.is_main else (lambda *_: None)
-    try:
-        if ft.unfreeze_every and dist.distributed:
-            raise ValueError("gradual unfreezing runs in one process (DistributedDataParallel needs every trained "
-                             "parameter to get a gradient at every step)")
-        torch.manual_seed(train_config.seed)
-        base = load_base(ft, dist.device)
+    with finetune_start(ft, train_config, print_fn) as start:
+        dist, base, say = start.dist, start.base, start.say
         model, tokenizer = base.model, base.tokenizer
         if tokenizer.eot_id is None:
             raise ValueError(f"{base.source}: the tokenizer has no <|endoftext|> token to end each response with")
@@ -241,5 +233,3 @@ def finetune_instruct(ft: FinetuneConfig, ic: InstructConfig, template: PromptTe
             say(f"scores: {out_dir / SCORES_FILE}\ncheckpoint: {result.checkpoint}\n"
                 f"chat: python sample.py --ckpt {out_dir} --interactive")
         return scores
-    finally:
-        teardown(dist)

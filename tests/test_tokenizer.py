@@ -3,7 +3,7 @@ round trips, special tokens, streaming decode."""
 
 import pytest
 import regex
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import bpe_reference as ref

@@ -1,6 +1,5 @@
 """train.py end to end, in subprocesses: output, SIGKILL + --resume exactness, DDP == one process."""
 
-import json
 import os
 import random
 import signal
@@ -9,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
