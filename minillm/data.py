@@ -436,13 +436,14 @@ def _tokenize(config: PrepareConfig, tokenizer: Tokenizer, work: Path, survivors
     eot, workers = tokenizer.eot_id, config.workers()
     with open(work / DOCUMENTS_FILE, "w", encoding="utf-8") as index, \
             open(work / DROPPED_FILE, "a", encoding="utf-8") as log, \
-            Progress(total=total, desc="tokenize", unit="docs", enabled=config.progress) as bar:
+            Progress(total=total, desc="tokenize", unit="docs", enabled=config.progress) as bar, \
+            tokenizer.encoding_workers(workers) as pool:
         for split in SPLITS:
             with TokenWriter(work / f"{split}.bin", tokenizer.vocab_size) as writer:
                 docs = _kept(survivors[split], duplicates, log, split)
                 while chunk := list(itertools.islice(docs, 2048)):
                     flat: list[int] = []
-                    encoded = tokenizer.encode_batch([text for *_, text in chunk], num_workers=workers)
+                    encoded = pool.encode([text for *_, text in chunk])
                     for (doc_id, label, source, _), ids in zip(chunk, encoded):
                         flat.append(eot)
                         row = {"id": doc_id, "split": split, "label": label, "offset": writer.num_tokens + len(flat),

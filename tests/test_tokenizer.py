@@ -247,6 +247,26 @@ def test_encode_batch_in_processes(trained):
         trained.encode_batch(["a"], num_workers=0)
 
 
+def test_encoding_workers_serve_batch_after_batch(trained):
+    batches = [[SAMPLE[i:] * 2 for i in range(start, start + 15)] + [""] for start in (0, 40, 80)]
+    with trained.encoding_workers(3) as pool:
+        children = [child for child, _ in pool.children]
+        assert len(children) == 2 and all(child.is_alive() for child in children)
+        for texts in batches:  # the same workers answer every batch
+            assert pool.encode(texts) == [trained.encode_ordinary(t) for t in texts]
+        assert pool.encode([]) == []
+    assert not any(child.is_alive() for child in children)  # closing stops them
+
+
+def test_a_dead_worker_process_is_reported(trained):
+    with trained.encoding_workers(2) as pool:
+        child = pool.children[0][0]
+        child.kill()
+        child.join()
+        with pytest.raises(RuntimeError, match=f"worker process {child.pid} died"):
+            pool.encode(["some text", "and more text"] * 4)
+
+
 def test_a_failing_worker_process_is_reported(trained, monkeypatch):
     import os
 

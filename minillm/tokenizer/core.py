@@ -330,6 +330,12 @@ class Tokenizer:
             return self._encode_many(texts)
         return parallel.encode_in_processes(self, texts, workers)
 
+    def encoding_workers(self, num_workers: int | None = None) -> parallel.EncodingWorkers:
+        """Worker processes for encoding many batches in turn, each worker's cache kept warm between
+        them: `with tok.encoding_workers(2) as pool: ids = pool.encode(texts)`. `pool.encode`
+        returns what `encode_batch` would; this process encodes a share of each batch itself."""
+        return parallel.EncodingWorkers(self, parallel.resolve_workers(num_workers))
+
     def _encode_many(self, texts: list[str]) -> list[list[int]]:
         """`encode_ordinary` of each text, the new chunks of all of them encoded together."""
         try:

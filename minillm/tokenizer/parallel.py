@@ -43,42 +43,82 @@ def process_pool(num_workers: int):
 
 
 def encode_in_processes(tokenizer, texts: list[str], workers: int) -> list[list[int]]:
-    """`tokenizer.encode_ordinary` of each text, on `workers` processes (this one included).
+    """`tokenizer.encode_ordinary` of each text, on `workers` processes (this one included), started
+    for this one call."""
+    with EncodingWorkers(tokenizer, workers) as pool:
+        return pool.encode(texts)
 
-    The texts are cut into `workers` contiguous groups of about equal size; this process encodes the
-    first itself (with its warm cache) while forked children encode the rest. A child gets its texts
-    and the tokenizer by inheritance (fork), not by pickling, and sends back one flat uint32 array
-    plus the length of each text's ids, which pickles as raw bytes.
+
+class EncodingWorkers:
+    """Processes that encode batches of documents with one tokenizer, kept for as many batches as
+    the caller has (`prepare.py` sends thousands of documents at a time), so each worker's chunk
+    cache stays warm from batch to batch, as the caller's own does.
+
+    Each batch is cut into `workers` contiguous groups of about equal size; this process encodes the
+    first itself while the others encode the rest. A worker gets its texts through a pipe and sends
+    back one flat uint32 array plus the length of each text's ids, which pickles as raw bytes. With
+    fork (Linux) a worker inherits the tokenizer and its cache as they are when it starts.
     """
-    groups = _balanced_groups(texts, workers)
-    ctx = context()
-    children = []
-    try:
-        for group in groups[1:]:
-            receiver, sender = ctx.Pipe(duplex=False)
-            child = ctx.Process(target=_encode_worker, args=(tokenizer, group, sender), daemon=True)
-            child.start()
-            sender.close()
-            children.append((child, receiver))
-        results = [tokenizer._encode_many(groups[0])]
-        for child, receiver in children:
+
+    def __init__(self, tokenizer, workers: int):
+        self.tokenizer = tokenizer
+        self.children: list = []
+        ctx = context()
+        try:
+            for _ in range(workers - 1):
+                ours, theirs = ctx.Pipe()
+                child = ctx.Process(target=_encode_worker, args=(tokenizer, theirs), daemon=True)
+                child.start()
+                theirs.close()
+                self.children.append((child, ours))
+        except BaseException:
+            self.close()
+            raise
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        groups = _balanced_groups(texts, len(self.children) + 1)
+        for (child, conn), group in zip(self.children, groups[1:]):
             try:
-                status, payload, lengths = receiver.recv()
+                conn.send(group)
+            except OSError:
+                _died(child)
+        results = [self.tokenizer._encode_many(groups[0])]
+        for child, conn in self.children:
+            try:
+                status, payload, lengths = conn.recv()
             except EOFError:
-                child.join()
-                raise RuntimeError(f"tokenizer worker process {child.pid} died (exit code {child.exitcode})") from None
+                _died(child)
             if status != "ok":
                 raise RuntimeError(f"tokenizer worker process {child.pid} failed:\n{payload}")
             flat = payload.tolist()
             starts = list(itertools.accumulate(lengths, initial=0))
             results.append([flat[a:b] for a, b in zip(starts, starts[1:])])
-    finally:
-        for child, receiver in children:
-            receiver.close()
+        return [ids for group in results for ids in group]
+
+    def close(self) -> None:
+        """Tell the workers to exit and wait for them (a worker that does not stop is killed)."""
+        for child, conn in self.children:
+            try:
+                conn.send(None)
+            except OSError:  # it is gone already
+                pass
+            conn.close()
+        for child, _ in self.children:
             child.join(timeout=5)
             if child.is_alive():
                 child.kill()
-    return [ids for group in results for ids in group]
+        self.children = []
+
+    def __enter__(self) -> "EncodingWorkers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _died(child) -> None:
+    child.join()
+    raise RuntimeError(f"tokenizer worker process {child.pid} died (exit code {child.exitcode})") from None
 
 
 def _balanced_groups(texts: list[str], n: int) -> list[list[str]]:
@@ -92,16 +132,21 @@ def _balanced_groups(texts: list[str], n: int) -> list[list[str]]:
     return groups
 
 
-def _encode_worker(tokenizer, texts: list[str], sender) -> None:
-    """Child side of `encode_in_processes`: encode, send (status, ids, lengths), exit."""
+def _encode_worker(tokenizer, conn) -> None:
+    """Worker side of `EncodingWorkers`: until told to stop (None), encode each group of texts it
+    receives and send back (status, ids, lengths)."""
     try:
-        ids = array.array("I")
-        lengths = []
-        for encoded in tokenizer._encode_many(texts):
-            ids.extend(encoded)
-            lengths.append(len(encoded))
-        sender.send(("ok", ids, lengths))
-    except BaseException:  # report any failure to the parent rather than dying silently
-        sender.send(("error", traceback.format_exc(), None))
+        while (texts := conn.recv()) is not None:
+            try:
+                ids = array.array("I")
+                lengths = []
+                for encoded in tokenizer._encode_many(texts):
+                    ids.extend(encoded)
+                    lengths.append(len(encoded))
+                conn.send(("ok", ids, lengths))
+            except Exception:  # report the failure to the parent rather than dying silently
+                conn.send(("error", traceback.format_exc(), None))
+    except (EOFError, KeyboardInterrupt):  # the parent is gone, or Ctrl-C reached the whole group
+        pass
     finally:
-        sender.close()
+        conn.close()
