@@ -23,12 +23,16 @@ Security. It listens on 127.0.0.1 unless `host` says otherwise. With an API key,
 need `Authorization: Bearer <key>`, compared with hmac.compare_digest (constant time); /health and
 the chat page (static, no secrets) stay open. Request logs hold the client address, method, path
 (without the query), status, time and token counts: never a header, so never the key. No CORS
-headers unless `cors_origins` names the origins allowed.
+headers unless `cors_origins` names the origins allowed. On a loopback address the server answers
+only requests whose Host header names the machine itself (localhost, 127.0.0.1, [::1]): a web page
+on a domain that an attacker re-points at 127.0.0.1 (DNS rebinding) would otherwise count as the
+server's own origin and could read its answers. `allowed_hosts` names other host names.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import sys
 import threading
@@ -49,6 +53,7 @@ from minillm.prometheus import ServerMetrics
 from minillm.openai_api import (APIError, GenerationRequest, ServedModel, chat_response, completion_response, error_body,
                                 model_object, models_response, parse_chat_request, parse_completion_request, usage)
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")  # what a Host header may say to a server on a loopback address
 API_KEY_ENV = "MINILLM_API_KEY"  # serve.py reads the key from here when --api_key is not given
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
 PAGE_HEADERS = {  # the chat page may talk to this server only, and may not be framed
@@ -75,6 +80,7 @@ class ServerConfig:
     socket_timeout: float = 30.0  # seconds a connection may sit idle or stall mid-request before it is closed
     max_connections: int = 256  # connections open at once; beyond, 503 and close
     cors_origins: str = ""  # comma-separated origins whose pages may call the API ("*" = any); "" = no CORS
+    allowed_hosts: str = ""  # comma-separated names the Host header may give ("*" = any); "" = on a loopback address localhost, 127.0.0.1 and ::1 only, elsewhere any
     log_requests: bool = True  # one line per request on stderr (no headers, so never the key)
     device: str = "auto"  # cpu, cuda, cuda:1, ... or auto (cuda when available)
     dtype: str = "auto"  # float32, bfloat16, float16, or auto (bfloat16 on a GPU that has it, else float32)
@@ -93,6 +99,31 @@ class ServerConfig:
                 raise ValueError(f"ServerConfig.{name} must be positive seconds, got {getattr(self, name)}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"ServerConfig.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+def allowed_host_names(allowed_hosts: str, listen_host: str) -> frozenset[str] | None:
+    """The host names a request's Host header may give, or None for any (see the module docstring)."""
+    names = {host_name(n) for n in allowed_hosts.split(",") if n.strip()}
+    if "*" in names:
+        return None
+    if not names:
+        try:
+            loopback = ipaddress.ip_address(listen_host.strip("[]")).is_loopback
+        except ValueError:  # a name, not an address
+            loopback = listen_host.lower() == "localhost"
+        if not loopback:
+            return None
+    return frozenset(names | set(LOOPBACK_NAMES))
+
+
+def host_name(header: str) -> str:
+    """A Host header's name without its port, lower case: 'Example.com:80' -> 'example.com',
+    '[::1]:8000' -> '::1'."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    name = header.rpartition(":")[0] if header.count(":") == 1 else header
+    return name.rstrip(".")
 
 
 def model_name_for(path: str | Path) -> str:
@@ -132,6 +163,7 @@ class Server:
         self.metrics = ServerMetrics(self.engine.stats)
         self.page = resources.files("minillm").joinpath("static/chat.html").read_bytes()
         self.cors = [o.strip() for o in config.cors_origins.split(",") if o.strip()]
+        self.allowed_hosts = allowed_host_names(config.allowed_hosts, config.host)
         handler = type("Handler", (_Handler,), {"timeout": config.socket_timeout})
         self.httpd = _HTTPServer((config.host, config.port), handler, self, config.max_connections)
         self._thread: threading.Thread | None = None
@@ -200,6 +232,11 @@ class Server:
 
     def _route(self, call: _Call) -> None:
         method, path = call.h.command, call.path
+        given = call.h.headers.get("Host")
+        if self.allowed_hosts is not None and given is not None and host_name(given) not in self.allowed_hosts:
+            raise APIError(403, f"this server does not answer to the host {given!r}: it answers to "
+                           f"{', '.join(sorted(self.allowed_hosts))} (a page on another domain pointed at this address "
+                           f"is refused; serve.py --allowed_hosts adds names)", code="host_not_allowed")
         if method == "OPTIONS":
             return self._preflight(call)
         routes = {"/": ("GET", self._page, False), "/health": ("GET", self._health, False),

@@ -20,6 +20,7 @@ from minillm.generate import SamplingConfig, generate
 from minillm.hf import load_pretrained
 from minillm.openai_api import COMPLETIONS_DEFAULT_MAX_TOKENS
 from minillm.prompts import PromptTemplate
+from minillm.server import allowed_host_names
 from tests.conftest import REPO_ROOT
 from tests.serving import call, is_error, sse_data, start_server, tiny_checkpoint, tiny_tokenizer, wait_for
 
@@ -254,11 +255,11 @@ def raw_exchange(server, request: bytes) -> bytes:
 
 
 def test_raw_http_edge_cases_missing_length_too_many_headers_and_http_1_0(server):
-    no_length = raw_exchange(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    no_length = raw_exchange(server, b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                                      b"Connection: close\r\n\r\n")
     assert no_length.startswith(b"HTTP/1.1 411") and b'"code": "length_required"' in no_length
     headers = b"".join(b"X-%d: y\r\n" % i for i in range(150))  # http.server itself refuses over 100 headers
-    crowded = raw_exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+    crowded = raw_exchange(server, b"GET /health HTTP/1.1\r\nHost: localhost\r\n" + headers + b"\r\n")
     assert crowded.startswith(b"HTTP/1.1 431") and json.loads(crowded.split(b"\r\n\r\n", 1)[1])["error"]["message"]
     body = json.dumps({"prompt": "To be", "max_tokens": 5, "stream": True}).encode()
     old = raw_exchange(server, b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
@@ -277,7 +278,7 @@ def open_stream(server, body) -> socket.socket:
     host, port = server.httpd.server_address[:2]
     sock = socket.create_connection((host, port), timeout=10)
     data = json.dumps({**body, "stream": True}).encode()
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
     seen = b""
     while b"data: " not in seen:
@@ -313,7 +314,7 @@ def test_a_non_streaming_client_that_leaves_frees_its_slot_too(runs):
         host, port = srv.httpd.server_address[:2]
         sock = socket.create_connection((host, port), timeout=10)
         data = json.dumps({"prompt": "To be", "max_tokens": 2000, "seed": 1, "ignore_eos": True}).encode()
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
         assert wait_for(lambda: srv.engine.stats()["busy"] == 1)
         sock.close()
@@ -326,7 +327,7 @@ def test_connections_beyond_the_limit_get_a_503_at_once(runs):
         host, port = srv.httpd.server_address[:2]
         idle = [socket.create_connection((host, port), timeout=10) for _ in range(2)]  # each holds a thread
         assert wait_for(lambda: srv.httpd.connections._value == 0)
-        refused = raw_exchange(srv, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        refused = raw_exchange(srv, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert refused.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in refused and b'"overloaded"' in refused
         for sock in idle:
             sock.close()
@@ -379,6 +380,34 @@ def test_no_cors_unless_asked_and_only_for_the_origins_named(server, runs):
         assert allowed.headers["access-control-allow-origin"] == "http://app.example"
         other = call(srv, "GET", "/v1/models", headers=origin)
         assert "access-control-allow-origin" not in other.headers
+
+
+def test_a_loopback_server_answers_only_to_its_own_host_names(server, runs):
+    for host in ("evil.example", "evil.example:80", "127.0.0.1.evil.example", "localhost.evil.example"):
+        refused = call(server, "GET", "/health", headers={"Host": host})
+        assert is_error(refused, 403) and refused.json()["error"]["code"] == "host_not_allowed", host
+    port = server.httpd.server_address[1]
+    for host in ("localhost", f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "LOCALHOST."):
+        assert call(server, "GET", "/health", headers={"Host": host}).status == 200, host
+    with start_server(runs["base"], allowed_hosts="box.lan") as srv:
+        assert call(srv, "GET", "/health", headers={"Host": "box.lan:8000"}).status == 200
+        assert is_error(call(srv, "GET", "/health", headers={"Host": "evil.example"}), 403)
+    with start_server(runs["base"], allowed_hosts="*") as srv:
+        assert call(srv, "GET", "/health", headers={"Host": "evil.example"}).status == 200
+
+
+@pytest.mark.parametrize("listen, allowed, expected", [
+    ("127.0.0.1", "", {"localhost", "127.0.0.1", "::1"}),
+    ("::1", "", {"localhost", "127.0.0.1", "::1"}),
+    ("localhost", "", {"localhost", "127.0.0.1", "::1"}),
+    ("0.0.0.0", "", None),
+    ("10.1.2.3", "", None),
+    ("0.0.0.0", "Box.LAN, box.lan:8000", {"box.lan", "localhost", "127.0.0.1", "::1"}),
+    ("127.0.0.1", "*", None),
+])
+def test_which_host_names_a_server_answers_to(listen, allowed, expected):
+    names = allowed_host_names(allowed, listen)
+    assert (None if names is None else set(names)) == expected
 
 
 # ---- metrics ----
