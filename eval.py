@@ -1,7 +1,7 @@
 """Evaluate a model: perplexity and bits per byte, multiple-choice benchmarks, generation metrics, and
 the report card of a training run.
 
-    python eval.py ppl --model runs/demo --data data/default/test.bin           # a prepared split
+    python eval.py ppl --model runs/demo --data data/demo/test.bin              # a prepared split
     python eval.py ppl --model runs/demo --data notes.txt,essays/ --per_document  # any text, files or folders
     python eval.py ppl --model runs/demo --data big.jsonl --max_docs 1000 --stride 64
     python eval.py mc --model runs/demo --data hellaswag_val.jsonl --max_docs 500 --predictions preds.jsonl
