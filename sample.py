@@ -127,8 +127,11 @@ def interact(pretrained, sampling: SamplingConfig) -> None:
         if template is None:
             run_one(pretrained, line, turn_sampling, echo=True)
             continue
-        # drop the oldest turns until the prompt leaves room for the answer inside the block
-        while history and len(encode_prompt(template.render_conversation(history, line), tokenizer)) + sampling.max_new_tokens > block:
+        # drop the oldest turns until the prompt leaves room for the answer inside the block; at most
+        # half the block is held for it (subtle: with max_new_tokens >= block, reserving all of it would
+        # drop every earlier turn; generate slides its window if a long answer runs past the block)
+        reply_room = min(sampling.max_new_tokens, block // 2)
+        while history and len(encode_prompt(template.render_conversation(history, line), tokenizer)) + reply_room > block:
             history.pop(0)
         answer = run_one(pretrained, template.render_conversation(history, line), turn_sampling, echo=False)
         history.append((line, answer.strip()))

@@ -106,6 +106,18 @@ def test_interactive_mode_drops_the_oldest_turns_when_the_context_is_full(setup,
     assert out.out.endswith(f">>> {second}\n>>> \n")
 
 
+def test_interactive_mode_keeps_the_conversation_when_max_new_tokens_fills_the_block(setup, capsys, monkeypatch):
+    """max_new_tokens = block (as the default 256 is on a 256-token model): history is still kept.
+    The prompts sample.py generates from are recorded on their way to the real run_one."""
+    root, model, tokenizer, template = setup
+    prompts, real_run_one = [], sample.run_one
+    monkeypatch.setattr(sample, "run_one", lambda pretrained, prompt, *a, **k: prompts.append(prompt) or real_run_one(pretrained, prompt, *a, **k))
+    run_main(["--ckpt", str(root / "instruct"), "--interactive", "--max_new_tokens", "512", "--seed", "5",
+              "--stop", "e,o,a"], capsys, stdin="Hi.\nAgain?\n")  # short answers: the history fits
+    assert len(prompts) == 2 and prompts[0] == template.render("Hi.")
+    assert prompts[1].startswith(prompts[0]) and prompts[1].endswith(template.render("Again?")[-40:])
+
+
 def test_interactive_mode_without_a_template_continues_each_line(setup, capsys):
     root, model, tokenizer, _ = setup
     out = run_main(["--ckpt", str(root / "run"), "--interactive", *SETTINGS], capsys, stdin="To be\n/reset\n")
