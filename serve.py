@@ -24,7 +24,7 @@ from dataclasses import replace
 from minillm import cli
 from minillm.generate import prepare_for_decoding
 from minillm.hf import load_pretrained, resolve_device_and_dtype
-from minillm.server import API_KEY_ENV, Server, ServerConfig
+from minillm.server import API_KEY_ENV, Server, ServerConfig, is_loopback
 
 
 def load(cfg: ServerConfig):
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         server = Server(pretrained, cfg)
     except OSError as err:
         raise SystemExit(f"serve.py: error: cannot listen on {cfg.host}:{cfg.port}: {err.strerror or err}") from None
-    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
+    if not is_loopback(cfg.host) and not cfg.api_key:
         print(f"serve.py: warning: listening on {cfg.host} without an API key: anyone who can reach it can use it",
               file=sys.stderr)
     cache = server.engine.cache

@@ -20,7 +20,7 @@ Request fields (both routes unless said):
     stream       server-sent events ending with `data: [DONE]`; stream_options.include_usage adds a
                  last chunk with usage and no choices
     top_k, repetition_penalty, ignore_eos   extensions, named as vLLM names them: sample among the k
-                 most likely; CTRL's penalty; keep going past <|endoftext|> (fixed lengths for benchmarks)
+                 most likely (-1 or 0: no limit); CTRL's penalty; keep going past <|endoftext|> (fixed lengths for benchmarks)
     user         accepted and ignored
 What OpenAI defines and this server cannot do (logprobs, echo, suffix, best_of, logit_bias, tools,
 non-zero presence/frequency penalties, a response_format other than text) is a 400 naming the field,
@@ -204,11 +204,12 @@ def _sampling(body: dict, served: ServedModel, prompts: list[list[int]], n: int,
         max_tokens, name = _integer(body, "max_completion_tokens", None, 1), "max_completion_tokens"
     seed = _integer(body, "seed", None, 0, SEED_LIMIT - 1)
     seed = random.SystemRandom().randrange(2**31) if seed is None else seed
+    top_k = _integer(body, "top_k", None, -1)
     base = SamplingConfig(
         max_new_tokens=1,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-        top_k=_integer(body, "top_k", None, 1),
+        top_k=top_k if top_k is not None and top_k > 0 else None,  # vLLM's "no limit" is -1 (or 0)
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),
         stop=_stop(body) + extra_stops,
         stop_at_eot=not _boolean(body, "ignore_eos", False),

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import re
 import sys
 import threading
 import time
@@ -54,6 +55,7 @@ from minillm.openai_api import (APIError, GenerationRequest, ServedModel, chat_r
                                 model_object, models_response, parse_chat_request, parse_completion_request, usage)
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")  # what a Host header may say to a server on a loopback address
+HEADER_LIST = re.compile(r"[A-Za-z0-9-]+(\s*,\s*[A-Za-z0-9-]+)*")  # a preflight's Access-Control-Request-Headers
 API_KEY_ENV = "MINILLM_API_KEY"  # serve.py reads the key from here when --api_key is not given
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
 PAGE_HEADERS = {  # the chat page may talk to this server only, and may not be framed
@@ -106,14 +108,18 @@ def allowed_host_names(allowed_hosts: str, listen_host: str) -> frozenset[str] |
     names = {host_name(n) for n in allowed_hosts.split(",") if n.strip()}
     if "*" in names:
         return None
-    if not names:
-        try:
-            loopback = ipaddress.ip_address(listen_host.strip("[]")).is_loopback
-        except ValueError:  # a name, not an address
-            loopback = listen_host.lower() == "localhost"
-        if not loopback:
-            return None
-    return frozenset(names | set(LOOPBACK_NAMES))
+    loopback = is_loopback(listen_host)
+    if not names and not loopback:
+        return None
+    return frozenset(names | set(LOOPBACK_NAMES) | ({host_name(listen_host)} if loopback else set()))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen address (an IP address or the name localhost) is this machine only."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a name, not an address
+        return host.lower().rstrip(".") == "localhost"
 
 
 def host_name(header: str) -> str:
@@ -304,8 +310,12 @@ class Server:
         if not allowed:
             raise APIError(405, "OPTIONS: cross-origin requests are not enabled on this server (see --cors_origins)",
                            code="method_not_allowed", headers={"Allow": "GET, POST"})
+        # the origin is trusted, so the headers its client asks to send are allowed: OpenAI's own
+        # JavaScript client adds x-stainless-* headers to every request (a well-formed list only)
+        asked = call.h.headers.get("Access-Control-Request-Headers", "")
+        headers = asked if HEADER_LIST.fullmatch(asked) else "Authorization, Content-Type"
         self._send(call, 204, b"", "text/plain", {"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-                                                 "Access-Control-Allow-Headers": "Authorization, Content-Type",
+                                                 "Access-Control-Allow-Headers": headers,
                                                  "Access-Control-Max-Age": "600"})
 
     def _page(self, call: _Call) -> None:

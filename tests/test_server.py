@@ -112,6 +112,10 @@ def test_completion_defaults_stop_strings_and_the_seed(server, reference):
     stop = free[len(free) // 2: len(free) // 2 + 2]  # a piece of what greedy decoding writes
     out = call(server, "POST", "/v1/completions", {"prompt": "The", "max_tokens": 40, "temperature": 0, "stop": stop}).json()
     assert out["choices"][0]["text"] == free[: free.index(stop)] and out["choices"][0]["finish_reason"] == "stop"
+    for top_k in (2, -1, 0):  # vLLM's "no limit" is -1 or 0
+        out = call(server, "POST", "/v1/completions", {"prompt": "To be", "seed": 4, "max_tokens": 12, "top_k": top_k}).json()
+        [expected] = library(reference, "To be", max_new_tokens=12, seed=4, top_k=top_k if top_k > 0 else None)
+        assert out["choices"][0]["text"] == expected.text, top_k
 
 
 def test_chat_without_a_template_is_a_plain_transcript(server, reference):
@@ -192,6 +196,7 @@ ERRORS = [  # (route, body, status, param, code)
     ("/v1/completions", {"prompt": "x", "temperature": 2.5}, 400, "temperature", "invalid_value"),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p", "invalid_value"),
     ("/v1/completions", {"prompt": "x", "top_p": 1.01}, 400, "top_p", "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "top_k": -2}, 400, "top_k", "invalid_value"),
     ("/v1/completions", {"prompt": "x", "n": 1.5}, 400, "n", "invalid_type"),
     ("/v1/completions", {"prompt": "x", "n": 9}, 400, "n", "invalid_value"),  # over max_choices=8
     ("/v1/completions", {"prompt": "x", "seed": -1}, 400, "seed", "invalid_value"),
@@ -376,6 +381,13 @@ def test_no_cors_unless_asked_and_only_for_the_origins_named(server, runs):
                          headers={"Origin": "http://app.example", "Access-Control-Request-Method": "POST"})
         assert preflight.status == 204 and preflight.headers["access-control-allow-origin"] == "http://app.example"
         assert "Authorization" in preflight.headers["access-control-allow-headers"]
+        stainless = "authorization, content-type, x-stainless-os, x-stainless-timeout"  # OpenAI's JS client
+        asked = call(srv, "OPTIONS", "/v1/chat/completions", headers={
+            "Origin": "http://app.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": stainless})
+        assert asked.status == 204 and asked.headers["access-control-allow-headers"] == stainless
+        odd = call(srv, "OPTIONS", "/v1/chat/completions", headers={
+            "Origin": "http://app.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "a;b"})
+        assert odd.headers["access-control-allow-headers"] == "Authorization, Content-Type"
         allowed = call(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 2}, {"Origin": "http://app.example"})
         assert allowed.headers["access-control-allow-origin"] == "http://app.example"
         other = call(srv, "GET", "/v1/models", headers=origin)
@@ -394,12 +406,15 @@ def test_a_loopback_server_answers_only_to_its_own_host_names(server, runs):
         assert is_error(call(srv, "GET", "/health", headers={"Host": "evil.example"}), 403)
     with start_server(runs["base"], allowed_hosts="*") as srv:
         assert call(srv, "GET", "/health", headers={"Host": "evil.example"}).status == 200
+    with start_server(runs["base"], host="127.0.0.2") as srv:  # its own address, whatever the loopback address
+        assert call(srv, "GET", "/health").status == 200
 
 
 @pytest.mark.parametrize("listen, allowed, expected", [
     ("127.0.0.1", "", {"localhost", "127.0.0.1", "::1"}),
     ("::1", "", {"localhost", "127.0.0.1", "::1"}),
     ("localhost", "", {"localhost", "127.0.0.1", "::1"}),
+    ("127.0.0.2", "", {"localhost", "127.0.0.1", "::1", "127.0.0.2"}),
     ("0.0.0.0", "", None),
     ("10.1.2.3", "", None),
     ("0.0.0.0", "Box.LAN, box.lan:8000", {"box.lan", "localhost", "127.0.0.1", "::1"}),
