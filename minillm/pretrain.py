@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,32 @@ class PretrainConfig:
             raise ValueError("PretrainConfig: eval_batches and sample_tokens must be >= 1, samples >= 0")
 
 
+def run_configs(argv: list[str], pre: PretrainConfig, train_config: TrainConfig,
+                model: GPTConfig) -> tuple[PretrainConfig, TrainConfig, dict[str, Any]]:
+    """(PretrainConfig, TrainConfig, the GPTConfig options given) that a train.py command line asks
+    for, on top of the defaults given. The GPTConfig options stay overrides, applied to the chosen
+    preset later (`model_config`): checked against the default preset they could be refused wrongly.
+
+    `--resume` of a run that has a checkpoint starts from the settings that run was started with (its
+    checkpoint's minillm.json), shape included, so `train.py --out_dir=X --resume` continues the same
+    run to the same max_steps and schedule; options on the command line still override them."""
+    from minillm.checkpoint import list_checkpoints, load_checkpoint
+
+    pre_options, train_options, model_options = cli.parse_overrides(argv, pre, train_config, model)
+    pre, train_config = replace(pre, **pre_options), replace(train_config, **train_options)
+    if train_config.resume and list_checkpoints(train_config.out_dir):
+        ckpt = load_checkpoint(train_config.out_dir)
+        source = str(ckpt.path / "minillm.json")
+        if "pretrain" not in ckpt.meta or "train" not in ckpt.meta:
+            raise ValueError(f"{source}: not a pretraining checkpoint (no pretrain/train settings); resume it with "
+                             f"the script that wrote it")
+        pre = replace(cli.from_dict(PretrainConfig, ckpt.meta["pretrain"], source=source), **pre_options)
+        saved_train = {**ckpt.meta["train"], "out_dir": train_config.out_dir}
+        train_config = replace(cli.from_dict(TrainConfig, saved_train, source=source), **train_options)
+        model_options = {**ckpt.meta["model"], **model_options}
+    return pre, train_config, model_options
+
+
 def model_config(pre: PretrainConfig, overrides: dict[str, Any], vocab_size: int) -> GPTConfig:
     """The preset with the command line's GPTConfig options applied, sized to the tokenizer."""
     if overrides.get("vocab_size", vocab_size) < vocab_size:
@@ -137,7 +163,7 @@ def sample_prompts(tokens, eot_id: int | None, count: int, length: int = 8) -> l
 def pretrain(pre: PretrainConfig, train_config: TrainConfig, model_overrides: dict[str, Any],
              print_fn=print) -> TrainResult:
     """The whole pretraining job; `train.py` calls this. Returns the loop's result."""
-    from minillm.checkpoint import load_checkpoint, restore_weights
+    from minillm.checkpoint import list_checkpoints, load_checkpoint, restore_weights
     from minillm.generate import SamplingConfig, generate
     from minillm.tokenizer import TOKENIZER_FILE
 
@@ -148,7 +174,7 @@ def pretrain(pre: PretrainConfig, train_config: TrainConfig, model_overrides: di
         torch.manual_seed(train_config.seed)
         config = model_config(pre, model_overrides, tokenizer.vocab_size)
         model = GPT(config)
-        if pre.init_from and not train_config.resume:
+        if pre.init_from and not (train_config.resume and list_checkpoints(train_config.out_dir)):
             source = load_checkpoint(pre.init_from)
             restore_weights(model, source.tensors(), source=source.path)
             say(f"initialised from {source.path} (step {source.step})")

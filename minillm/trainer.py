@@ -222,6 +222,7 @@ def train(
             ckpt = load_checkpoint(out_dir)
         except FileNotFoundError:
             say(f"resume: no checkpoint in {out_dir} yet; starting from step 0")
+            metrics.truncate_after(0)  # the log of a run killed before its first checkpoint starts again too
         else:
             restore_weights(raw_model, ckpt.tensors(device=device), source=ckpt.path)
             state = ckpt.json("trainer_state.json")

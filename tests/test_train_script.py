@@ -75,7 +75,8 @@ def test_train_prints_progress_perplexity_samples_and_paths(corpus, tmp_path):
 
 def test_sigkill_then_resume_is_bitwise_exact(corpus, tmp_path):
     """A run killed with SIGKILL at a random step after a checkpoint, then resumed to N, ends with the
-    same weights, bit for bit, and the same loss log as a run that was never interrupted."""
+    same weights, bit for bit, and the same loss log as a run that was never interrupted. The resume
+    names nothing but the folder: its settings come from the checkpoint."""
     steps = 20
     straight = tmp_path / "straight"
     run(train_cmd(corpus, straight, f"--max_steps={steps}"))
@@ -94,7 +95,8 @@ def test_sigkill_then_resume_is_bitwise_exact(corpus, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert list_checkpoints(killed), "killed before the first checkpoint"
-    run(train_cmd(corpus, killed, f"--max_steps={steps}", "--resume"))
+    # only the folder and --resume: the data, shape and schedule come from the run's checkpoint
+    run([sys.executable, str(REPO / "train.py"), f"--out_dir={killed}", "--resume"])
 
     a, b = load_checkpoint(straight), load_checkpoint(killed)
     assert a.step == b.step == steps
@@ -103,6 +105,29 @@ def test_sigkill_then_resume_is_bitwise_exact(corpus, tmp_path):
     for name, tensor in a.tensors("optimizer.safetensors").items():
         assert torch.equal(tensor, b.tensors("optimizer.safetensors")[name]), name
     assert losses(straight) == losses(killed)
+
+
+def test_resume_before_the_first_checkpoint_starts_over_from_init_from(corpus, tmp_path):
+    """A run killed before its first checkpoint left only metrics.jsonl: --resume starts again, from
+    --init_from's weights, and the log holds the new run's steps only."""
+    base = tmp_path / "base"
+    run(train_cmd(corpus, base, "--max_steps=5"))
+    out = tmp_path / "again"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("".join(f'{{"kind": "train", "step": {i}, "loss": 9.0}}\n' for i in range(1, 34)))
+    stdout = run(train_cmd(corpus, out, "--max_steps=3", f"--init_from={base}", "--resume")).stdout
+    assert "resume: no checkpoint" in stdout and f"initialised from {base / 'ckpt-00000005'}" in stdout
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"] == [1, 2, 3]
+
+
+def test_model_options_apply_to_the_preset_chosen(corpus):
+    from minillm.pretrain import PretrainConfig, TrainConfig, model_config, run_configs
+    from minillm.config import GPTConfig
+
+    defaults = (PretrainConfig(), TrainConfig(), GPTConfig.from_preset("mini"))
+    pre, _, overrides = run_configs(["--model=small", "--n_head=12"], *defaults)  # 12 does not divide mini's 128
+    config = model_config(pre, overrides, 4096)
+    assert (config.n_head, config.n_embd) == (12, GPTConfig.from_preset("small").n_embd)
 
 
 def test_two_processes_match_one_with_the_same_global_batch(corpus, tmp_path):
