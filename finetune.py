@@ -23,6 +23,7 @@ answers to the test records (OUT_DIR/responses.json beside the references, OUT_D
 
 from __future__ import annotations
 
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,8 @@ class MergeConfig:
     """Fold a LoRA checkpoint's adapters into its weights and save a plain checkpoint."""
 
     ckpt: str = ""  # the LoRA run or checkpoint folder
-    out: Path = Path("runs/merged")  # where the merged checkpoint goes
+    out: Path = Path("runs/merged")  # where the merged checkpoint goes: a new run folder
+    overwrite: bool = False  # replace the checkpoints already in --out
 
 
 def classify(argv: list[str]) -> None:
@@ -74,7 +76,7 @@ def instruct(argv: list[str]) -> None:
 
 
 def merge(argv: list[str]) -> None:
-    from minillm.checkpoint import CLASSIFIER_KEY, LORA_KEY, load_checkpoint, save_checkpoint
+    from minillm.checkpoint import CLASSIFIER_KEY, LORA_KEY, list_checkpoints, load_checkpoint, save_checkpoint
     from minillm.classify import load_classifier
     from minillm.tokenizer import TOKENIZER_FILE
 
@@ -84,10 +86,19 @@ def merge(argv: list[str]) -> None:
     ckpt = load_checkpoint(config.ckpt)
     if ckpt.lora_config() is None:
         raise ValueError(f"{ckpt.path} has no LoRA adapters to merge")
+    out = Path(config.out)
+    if out.resolve() in (ckpt.path.resolve(), ckpt.path.parent.resolve()):
+        raise ValueError(f"--out {out} is the LoRA run itself: merging into it would replace its adapters and "
+                         f"training state; name another folder")
+    if list_checkpoints(out) and not config.overwrite:
+        raise ValueError(f"{out} already holds checkpoints ({', '.join(p.name for p in list_checkpoints(out)[:3])}): "
+                         f"pass --overwrite to replace them, or another --out")
+    for old in list_checkpoints(out):
+        shutil.rmtree(old)
     model = load_classifier(ckpt.path)[0] if CLASSIFIER_KEY in ckpt.meta else ckpt.model()  # merged on loading
     keep = {k: v for k, v in ckpt.meta.items() if k not in ("format", "version", "step", "model", LORA_KEY)}
     tokenizer = ckpt.tokenizer()
-    out = save_checkpoint(config.out, ckpt.step, model, configs=keep,
+    out = save_checkpoint(out, ckpt.step, model, configs=keep,
                           writers={TOKENIZER_FILE: tokenizer.save} if tokenizer else None)
     print(f"merged {ckpt.path} -> {out} ({model.num_params():,} parameters, no adapters)")
 

@@ -245,7 +245,8 @@ def finetune_classifier(ft: FinetuneConfig, cc: ClassifyConfig, source: SourceCo
         writers = {TOKENIZER_FILE: tokenizer.save}
         if ft.trainable == "lora":
             configs[LORA_KEY] = lora
-            writers[ADAPTERS_FILE] = lambda path: save_adapters(model, lora, path, base=ft.init_from)
+            writers[ADAPTERS_FILE] = lambda path: save_adapters(model, lora, path, base=ft.init_from,
+                                                                include=("classifier.",))
         result = train(
             model, train_config,
             ExampleBatches(train_ex, train_config.batch_size, lambda b: collate(b, pad_id), seed=train_config.seed, dist=dist),

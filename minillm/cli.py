@@ -172,11 +172,11 @@ def parse_overrides(argv: list[str], *configs: Any) -> list[dict[str, Any]]:
             value = convert(raw, annotation, bare)
         elif annotation is bool:
             value = True
-        elif i < len(argv):
+        elif i < len(argv) and not argv[i].startswith("--"):  # the next option is not this one's value
             value = convert(argv[i], annotation, bare)
             i += 1
         else:
-            raise ValueError(f"--{bare} needs a value")
+            raise ValueError(f"--{bare} needs a value (--{bare}=VALUE or --{bare} VALUE)")
         for t in targets:
             # a list field given again accumulates: `--input a --input b` -> [a, b]
             if typing.get_origin(annotation) is list and bare in overrides[t]:

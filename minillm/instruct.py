@@ -193,7 +193,7 @@ def finetune_instruct(ft: FinetuneConfig, ic: InstructConfig, template: PromptTe
         say(cli.format_config(ft, ic, template, *([lora] if ft.trainable == "lora" else []), train_config))
         say(f"base: {base.source}\nrecords from {ic.data}: train {len(splits['train']):,} | val {len(splits['val']):,} | "
             f"test {len(splits['test']):,} (file order); examples up to {max_length} tokens, "
-            f"{sum(len(ids) > max_length for ids, _ in encoded['train']):,} train examples cut"
+            f"{sum(ids[-1] != tokenizer.eot_id for ids, _ in encoded['train']):,} train examples cut"  # only a cut one lacks its EOT
             + "".join(f"; {n} {s} records dropped (prompt longer than {max_length} tokens)" for s, n in dropped.items() if n))
         test = splits["test"][: ic.test_limit] if ic.test_limit else splits["test"]
         scores: dict[str, Any] = {}
@@ -203,8 +203,10 @@ def finetune_instruct(ft: FinetuneConfig, ic: InstructConfig, template: PromptTe
             scores["base"] = respond(model, tokenizer, template, test, out_dir / BASE_RESPONSES_FILE, ic)
             say(f"before finetuning: ROUGE-L F {scores['base']['rouge_l']['fmeasure']:.4f} | BLEU {scores['base']['bleu']:.2f} "
                 f"| {len(test)} test records -> {out_dir / BASE_RESPONSES_FILE}")
-        schedule = TrainableSchedule(model, ft, [] if model.config.tie_embeddings else [model.lm_head.weight],
-                                     lora if ft.trainable == "lora" else None)
+        # an untied lm_head is the task head for head/last/all; under LoRA it stays frozen like every
+        # pretrained weight (lora_head is for a new classifier head, which has nothing to start from)
+        head = [] if model.config.tie_embeddings or ft.trainable == "lora" else [model.lm_head.weight]
+        schedule = TrainableSchedule(model, ft, head, lora if ft.trainable == "lora" else None)
         schedule.prepare()
         say(schedule.describe())
         pad_id = tokenizer.eot_id

@@ -152,18 +152,21 @@ def lora_parameter_count(n_layer: int, n_embd: int, mlp_ratio: int, config: LoRA
     return n_layer * config.lora_rank * sum(sizes[t] for t in config.lora_targets)
 
 
-def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What LoRA finetuning changed: every adapter, and any other parameter that trains (a
-    classifier head). Together with the base weights they are the whole finetuned model."""
+def adapter_tensors(model: nn.Module, include: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """What LoRA finetuning changed or added: every adapter, any other parameter that trains, and
+    the parameters whose names start with one of `include` (a new classifier head, which the base
+    weights cannot rebuild even when it stayed frozen). With the base weights they are the whole
+    finetuned model."""
     return {name: p.detach() for name, p in model.named_parameters()
-            if name.endswith((".lora_A", ".lora_B")) or p.requires_grad}
+            if name.endswith((".lora_A", ".lora_B")) or p.requires_grad or name.startswith(include)}
 
 
-def save_adapters(model: nn.Module, config: LoRAConfig, path: str | os.PathLike, *, base: str = "") -> None:
-    """Write `adapter_tensors(model)` to a safetensors file whose metadata holds the LoRA settings
-    (and `base`: where the base weights came from)."""
+def save_adapters(model: nn.Module, config: LoRAConfig, path: str | os.PathLike, *, base: str = "",
+                  include: tuple[str, ...] = ()) -> None:
+    """Write `adapter_tensors(model, include)` to a safetensors file whose metadata holds the LoRA
+    settings (and `base`: where the base weights came from)."""
     metadata = {"format": "pt", "lora": json.dumps(cli.to_dict(config)), "base": str(base)}
-    save_file({k: v.contiguous() for k, v in adapter_tensors(model).items()}, path, metadata=metadata)
+    save_file({k: v.contiguous() for k, v in adapter_tensors(model, include).items()}, path, metadata=metadata)
 
 
 def load_adapters(model: nn.Module, path: str | os.PathLike) -> LoRAConfig:

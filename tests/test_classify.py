@@ -152,14 +152,14 @@ def test_prepared_folder_with_another_tokenizer_is_refused(tmp_path):
                       val_fraction=0.1, test_fraction=0.1, progress=False)
 
 
-def run_classify(tmp_path, base, out="run", ft=None, **train_overrides):
+def run_classify(tmp_path, base, out="run", ft=None, lora=None, **train_overrides):
     data = write_tsv(tmp_path / "data.tsv", labelled_texts(240))
     settings = dict(out_dir=tmp_path / out, max_steps=40, batch_size=16, learning_rate=3e-3, warmup_steps=4,
                     eval_every=20, checkpoint_every=20, log_every=10)
     lines = []
     scores = finetune_classifier(ft or FinetuneConfig(init_from=str(base), trainable="all"),
                                  ClassifyConfig(progress=False), SourceConfig(input=[str(data)], **SMS_LIKE),
-                                 LoRAConfig(lora_rank=4, lora_alpha=8.0),
+                                 lora or LoRAConfig(lora_rank=4, lora_alpha=8.0),
                                  TrainConfig(**{**settings, **train_overrides}), print_fn=lines.append)
     return scores, "\n".join(lines)
 
@@ -219,6 +219,20 @@ def test_lora_classifier_saves_adapters_and_loads_merged(tmp_path):
     assert not any("lora" in n for n in model.state_dict())
     probs = predict_texts(model, tok, meta, ["the cat sat on a mat"])[0][2]
     assert len(probs) == 2 and scores["test"]["total"] > 0
+
+
+def test_lora_without_training_the_head_still_saves_it_with_the_adapters(tmp_path):
+    """--no-lora_head: the new head stays as initialised, but nothing else can rebuild it."""
+    base, _, _ = pretrained_checkpoint(tmp_path / "base")
+    _, log = run_classify(tmp_path, base, ft=FinetuneConfig(init_from=str(base), trainable="lora"),
+                          lora=LoRAConfig(lora_rank=4, lora_alpha=8.0, lora_head=False), max_steps=4, eval_every=4,
+                          checkpoint_every=4)
+    assert "trainable: the LoRA adapters:" in log
+    ckpt = load_checkpoint(tmp_path / "run")
+    adapters = ckpt.tensors("adapters.safetensors")
+    assert {"classifier.weight", "classifier.bias"} <= set(adapters)
+    for name in ("classifier.weight", "classifier.bias"):
+        assert torch.equal(adapters[name], ckpt.tensors()[name])
 
 
 def test_starts_from_a_hugging_face_folder_with_its_tokenizer(tmp_path):

@@ -129,3 +129,11 @@ def test_repeated_list_option_accumulates():
                             InputsConfig())
     assert config.input == ["train=a.csv", "test=b.csv", "c.csv"] and config.tags == ("y",)
     assert cli.parse_args([], InputsConfig()).input == []
+
+
+def test_an_option_missing_its_value_does_not_swallow_the_next_option():
+    from minillm.trainer import TrainConfig
+
+    with pytest.raises(ValueError, match="--out_dir needs a value"):
+        cli.parse_overrides(["--out_dir", "--resume"], TrainConfig())
+    assert cli.parse_overrides(["--learning_rate", "-1e-3"], TrainConfig())[0]["learning_rate"] == -1e-3  # not an option

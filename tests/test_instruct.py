@@ -108,6 +108,15 @@ def test_finetune_instruct_learns_to_answer_and_stop(tmp_path):
     assert (done.text, done.finish_reason) == (record["output"], "stop")
 
 
+def test_lora_leaves_an_untied_pretrained_head_frozen(tmp_path):
+    base, _, _ = pretrained_checkpoint(tmp_path / "base", block_size=256, tie_embeddings=False)
+    _, log = run_instruct(tmp_path, base, FinetuneConfig(init_from=str(base), trainable="lora"), max_steps=2,
+                          eval_every=2, checkpoint_every=2)
+    assert "trainable: the LoRA adapters:" in log
+    adapters = load_checkpoint(tmp_path / "run").tensors("adapters.safetensors")
+    assert adapters and all("lora_" in name for name in adapters)
+
+
 def test_lora_instruct_checkpoint_loads_merged_and_merge_exports(tmp_path):
     from finetune import main as finetune_main
 
@@ -118,6 +127,11 @@ def test_lora_instruct_checkpoint_loads_merged_and_merge_exports(tmp_path):
     assert (ckpt.path / "adapters.safetensors").is_file() and "lora" in ckpt.meta
     merged_in_memory = load_pretrained(tmp_path / "run").model
     assert finetune_main(["merge", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "merged")]) == 0
+    again = ["merge", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "merged")]
+    assert finetune_main(again) == 1  # its checkpoint is not replaced without --overwrite
+    assert finetune_main([*again, "--overwrite"]) == 0
+    assert finetune_main(["merge", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "run")]) == 1
+    assert (ckpt.path / "adapters.safetensors").is_file()  # the LoRA run is left whole
     exported = load_checkpoint(tmp_path / "merged")
     assert "lora" not in exported.meta and exported.meta["prompt_template"] == PromptTemplate().to_dict()
     assert not any("lora" in name for name in exported.tensors())
