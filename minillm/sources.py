@@ -88,7 +88,7 @@ class SourceConfig:
 @dataclass
 class Document:
     text: str
-    source: str  # where it came from: "path:line", "path", "https://...:line"
+    source: str  # where it came from: "path:line", "path", "https://...:line"; always valid UTF-8 (`readable`)
     label: str | None = None
     split: str | None = None  # train, val, test, or None (the pipeline assigns one by hash)
 
@@ -122,6 +122,16 @@ def read_documents(config: SourceConfig, *, progress: bool = True) -> Iterator[D
             return
 
 
+def readable(name: str) -> str:
+    """A file name as text that can be written anywhere: the bytes of a name that is not UTF-8, which
+    Python keeps as lone surrogates (os.fsdecode), become escapes such as "caf\\xe9.txt"."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def read_input(location: str, split: str | None, config: SourceConfig,
                progress: bool = True) -> Iterator[Document | BadRecord]:
     if re.match(r"https?://", location):
@@ -132,13 +142,13 @@ def read_input(location: str, split: str | None, config: SourceConfig,
         files = sorted(p for p in path.glob(config.glob)
                        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
-            raise DataError(f"{location}: no files match --glob {config.glob!r} in this folder")
+            raise DataError(f"{readable(location)}: no files match --glob {config.glob!r} in this folder")
         for file in files:
-            yield from read_file(file, str(file), split, config)
+            yield from read_file(file, readable(str(file)), split, config)
     elif path.exists():
-        yield from read_file(path, location, split, config)
+        yield from read_file(path, readable(location), split, config)
     else:
-        raise DataError(f"{location}: no such file or folder")
+        raise DataError(f"{readable(location)}: no such file or folder")
 
 
 def detect_format(name: str) -> str:
