@@ -255,6 +255,29 @@ def test_command_line(tmp_path, capsys):
     assert main(["frobnicate"]) == 2
 
 
+def test_command_line_reads_files_as_stored(tok, tmp_path, capsys):
+    """Text files are decoded from their bytes: CRLF stays CRLF, so byte counts are the file's and
+    training sees the \r; a file that is not UTF-8 is an error that names it."""
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"one line\r\nanother line\r\n" * 50)
+    tok.save(tmp_path / "tok.bpe")
+    assert main(["stats", f"--tokenizer={tmp_path / 'tok.bpe'}", f"--files={crlf}", "--gpt2=none"]) == 0
+    assert f" {crlf.stat().st_size:,} " in capsys.readouterr().out  # 1,200 bytes, not 1,100
+    assert main(["encode", f"--tokenizer={tmp_path / 'tok.bpe'}", f"--file={crlf}"]) == 0
+    assert capsys.readouterr().out.startswith(f"{crlf.stat().st_size:,} bytes -> ")
+    out = tmp_path / "crlf.bpe"
+    assert main(["train", f"--files={crlf}", "--vocab_size=269", f"--out={out}", "--num_workers=1"]) == 0
+    trained = Tokenizer.load(out)
+    assert b"\r\n" in {trained.token_bytes(new) for *_, new in trained.merges}
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes(b"plain\ncaf\xe9\n")
+    for command in (["train", f"--files={latin}", f"--out={out}"],
+                    ["stats", f"--tokenizer={out}", f"--files={latin}", "--gpt2=none"],
+                    ["encode", f"--tokenizer={out}", f"--file={latin}"]):
+        assert main(command) == 1
+        assert f"{latin}:2: not UTF-8 text (byte 0xe9 at offset 9)" in capsys.readouterr().err, command[0]
+
+
 def test_module_entry_point(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run([sys.executable, "-m", "minillm.tokenizer", "encode", "--help"], env=env,
