@@ -66,7 +66,24 @@ def test_file_is_readable(tok, tmp_path):
 def damage(lines):
     """name -> (how to damage the file's lines, the line number the error must name, message)."""
     merge_line = next(i for i, line in enumerate(lines) if line.startswith("merges ")) + 2
-    return {
+    byte_line = next(i for i, line in enumerate(lines) if line.startswith("bytes ")) + 2  # byte 0x00's
+    special_line = next(i for i, line in enumerate(lines) if line.startswith("special ")) + 2
+    first_new = lines[merge_line - 1].split()[0]  # the id the first merge makes
+    at_id = lines[byte_line - 1 + 0x40].split()[1]  # the id of byte 0x40
+    special = lines[special_line - 1].split(" ", 1)[1]  # the first special token, as JSON
+
+    def replace(index, line):
+        return lambda ls: [*ls[:index], line, *ls[index + 1:]]
+
+    # lines that parse but define tokens that cannot be: the error names the line all the same
+    consistency = {
+        "undefined_merge": (replace(merge_line - 1, f"{first_new} = 99999 + 1"), merge_line, "uses token 99999"),
+        "redefined": (replace(merge_line, f"{first_new} = " + lines[merge_line].split(" = ", 1)[1]), merge_line + 1,
+                      f"token id {first_new} is already"),
+        "byte": (replace(byte_line - 1 + 0x41, f"0x41 {at_id}"), byte_line + 0x41, f"token id {at_id} is already"),
+        "special": (replace(special_line - 1, f"{at_id} {special}"), special_line, f"token id {at_id} is already"),
+    }
+    return consistency | {
         "magic": (lambda ls: ["gpt2-bpe 1", *ls[1:]], 1, "not a minillm tokenizer file"),
         "version": (lambda ls: ["minillm-bpe 2", *ls[1:]], 1, "version '2' is not supported"),
         "merge": (lambda ls: [*ls[:merge_line - 1], "290 = x + 3", *ls[merge_line:]], merge_line, "must be an integer"),
