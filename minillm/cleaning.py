@@ -84,7 +84,10 @@ _ATTRIBUTE = r"""\s+[\w:.-]+(?:\s*=\s*(?:"[^"]*"|'[^']*'|[^\s"'<>=]+))?"""
 _TAG = re.compile(r"</?(%s)(?:%s)*\s*/?>" % ("|".join((_BLOCK_TAGS + " " + _INLINE_TAGS).split()), _ATTRIBUTE),
                   re.IGNORECASE)
 _BLOCK = frozenset(_BLOCK_TAGS.split())
-_SCRIPT_OR_COMMENT = re.compile(r"<(script|style)\b[^>]*>.*?</\1\s*>|<!--.*?-->", re.IGNORECASE | re.DOTALL)
+# what goes with its contents: <script ...>...</script>, <style ...>...</style>, <!-- ... -->
+_HIDDEN_START = re.compile(r"<(?:(script|style)\b|!--)", re.IGNORECASE)
+_HIDDEN_END = {"script": re.compile(r"</script\s*>", re.IGNORECASE), "style": re.compile(r"</style\s*>", re.IGNORECASE),
+               "!--": re.compile("-->")}
 _ENTITY = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
 
 _LINE_BREAKS = re.compile(r"\r\n?|[\x0b\x0c\x1c-\x1e\u2028\u2029]")
@@ -112,8 +115,36 @@ _INNER_SPACES = re.compile(r"(?<=\S) {2,}")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
 
 
+def _strip_hidden(text: str) -> str:
+    """`<script>`/`<style>` elements and `<!-- comments -->` removed with their contents, in one pass;
+    an opener that is never closed stays as text.
+
+    Subtle: once an opener finds no closer, no later opener of its kind can (its closer would have to
+    come later still), so that kind is no longer looked for. A regex that tried each opener anew
+    rescanned the rest of the text for every one: quadratic ('<!-- x ' * 20,000 took seconds).
+    """
+    pieces, kept_from, hopeless = [], 0, set()
+    for opener in _HIDDEN_START.finditer(text):
+        kind = (opener.group(1) or "!--").lower()
+        if opener.start() < kept_from or kind in hopeless:  # inside a removed block, or cannot close
+            continue
+        body = opener.end()
+        if kind != "!--":  # an element's start tag runs to the first ">"
+            body = text.find(">", body) + 1
+            if body == 0:  # no ">" anywhere after: no later start tag can end either
+                hopeless.update(("script", "style"))
+                continue
+        closer = _HIDDEN_END[kind].search(text, body)
+        if closer is None:
+            hopeless.add(kind)
+            continue
+        pieces.append(text[kept_from : opener.start()])
+        kept_from = closer.end()
+    return "".join(pieces) + text[kept_from:] if pieces else text
+
+
 def _html_to_text(text: str) -> str:
-    text = _SCRIPT_OR_COMMENT.sub("", text)
+    text = _strip_hidden(text)
     text = _TAG.sub(lambda m: "\n" if m.group(1).lower() in _BLOCK else "", text)
     return html.unescape(text) if _ENTITY.search(text) else text
 

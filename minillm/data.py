@@ -125,7 +125,8 @@ class Survivors:
     def __init__(self, path: Path):
         self.path = path
         self.ids, self.label_ids, self.sizes = array("q"), array("i"), array("q")  # sizes: source, text
-        self.label_names: list[str | None] = []
+        self.label_names: list[str | None] = []  # label id -> label
+        self._label_ids: dict[str | None, int] = {}  # label -> label id (a corpus may have many labels)
         self.keys = bytearray()  # 16 bytes each
         # signatures stay in the matrices the workers sent (no copy); per document: (matrix, row) or -1
         self._matrices: list[np.ndarray] = []
@@ -137,9 +138,10 @@ class Survivors:
 
     def add(self, r: Cleaned, matrix: np.ndarray) -> None:
         self.ids.append(r.id)
-        if r.label not in self.label_names:  # labels are few: a list beats a dict here
+        label_id = self._label_ids.setdefault(r.label, len(self.label_names))
+        if label_id == len(self.label_names):
             self.label_names.append(r.label)
-        self.label_ids.append(self.label_names.index(r.label))
+        self.label_ids.append(label_id)
         self.keys += r.key
         if r.signature_row >= 0 and (not self._matrices or self._matrices[-1] is not matrix):
             self._matrices.append(matrix)
@@ -384,11 +386,14 @@ def _check_not_empty(accounts: Accounts, config: PrepareConfig, clean: CleanConf
     read = sum(n for key, n in totals.items() if isinstance(key, str))
     if read == 0:
         raise DataError("no documents were read: the inputs hold no records")
+    bad = [example["message"] for example in accounts.examples["bad_record"]]
+    # subtle: no "see dropped.jsonl": the error stops the run before any output is moved into place
+    first_bad = "first: " + "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else "")
     hints = {"empty": "empty after cleaning", "too_short": f"shorter than --min_chars={clean.min_chars}",
              "low_quality": f"--min_letter_share={clean.min_letter_share} or "
                             f"--max_repeated_line_share={clean.max_repeated_line_share}",
              "exact_duplicate": "--no-exact_dedup keeps them", "near_duplicate": "--near_threshold, --no-near_dedup",
-             "cross_split_duplicate": "--no-cross_split_dedup keeps them", "bad_record": "see dropped.jsonl"}
+             "cross_split_duplicate": "--no-cross_split_dedup keeps them", "bad_record": first_bad}
     if totals["kept"] == 0:
         why = ", ".join(f"{reason} {totals[reason]:,} ({hints[reason]})" for reason in REASONS if totals[reason])
         raise DataError(f"all {read:,} documents were dropped: {why}")

@@ -33,6 +33,9 @@ import numpy as np
 
 _SHINGLE_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant (2^64 / golden ratio)
 _EMPTY = np.zeros(0, dtype=np.uint32)
+# shingles hashed at a time: a (1024, num_perm) block of uint64 is 1 MB at 128 permutations, and a
+# 30 MB document never needs its whole (shingles, num_perm) matrix (gigabytes) at once
+_SHINGLE_BLOCK = 1024
 
 
 @dataclass
@@ -73,6 +76,9 @@ def _word_byte_table() -> np.ndarray:
 _WORD_BYTES = _word_byte_table()
 _BYTE_MIX = np.uint64(0x100000001B3)  # odd: invertible mod 2^64 (the FNV-1 64-bit prime)
 _BYTE_MIX_INVERSE = np.uint64(pow(0x100000001B3, -1, 2**64))
+# bytes hashed at a time: the prefix sums and powers cost 8-16 bytes per byte, so a long text goes in
+# blocks cut between words (a word's hash depends only on its own bytes: blocks give the same hashes)
+_WORD_BLOCK = 1 << 20
 
 
 def byte_powers(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -84,8 +90,10 @@ def byte_powers(n: int) -> tuple[np.ndarray, np.ndarray]:
     return powers[0], powers[1]
 
 
-def word_hashes(text: str, powers: Callable[[int], tuple[np.ndarray, np.ndarray]] = byte_powers) -> np.ndarray:
-    """A 64-bit hash of each word of the lowercased text, in order, computed without a Python loop.
+def word_hashes(text: str, powers: Callable[[int], tuple[np.ndarray, np.ndarray]] = byte_powers,
+                block: int = _WORD_BLOCK) -> np.ndarray:
+    """A 64-bit hash of each word of the lowercased text, in order, computed without a Python loop
+    (but one per `block` bytes of text, so memory stays a small multiple of the block).
 
     Word i spanning bytes [s, e) hashes to sum((b[j] + 1) * M^(j - s) for j in [s, e)) mod 2^64:
     from prefix sums P[e] - P[s] of (b[j] + 1) * M^j, scaled back by M^-s (M is odd, so M^-1 mod
@@ -93,6 +101,26 @@ def word_hashes(text: str, powers: Callable[[int], tuple[np.ndarray, np.ndarray]
     gives at least n powers (MinHasher passes a cached table).
     """
     data = np.frombuffer(text.lower().encode("utf-8"), dtype=np.uint8)
+    if data.size <= block:
+        return _block_word_hashes(data, powers)
+    outside = ~_WORD_BYTES[data]  # bytes that are in no word: blocks end after one
+    parts, begin = [], 0
+    while begin < data.size:
+        end = begin + block
+        if end < data.size:
+            gaps = np.flatnonzero(outside[begin:end])
+            if gaps.size:
+                end = begin + int(gaps[-1]) + 1
+            else:  # one word fills the block: it goes on to the next gap, or to the end of the text
+                ahead = int(np.argmax(outside[end:]))  # the first gap (0 when there is none)
+                end = end + ahead + 1 if outside[end + ahead] else data.size
+        parts.append(_block_word_hashes(data[begin:end], powers))
+        begin = end
+    return np.concatenate(parts)
+
+
+def _block_word_hashes(data: np.ndarray, powers: Callable[[int], tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """`word_hashes` of UTF-8 bytes that cut no word in two."""
     in_word = np.zeros(data.size + 2, dtype=bool)
     in_word[1:-1] = _WORD_BYTES[data]
     edges = np.flatnonzero(in_word[1:] != in_word[:-1])  # alternately where a word starts and ends
@@ -145,11 +173,16 @@ class MinHasher:
         shingles = shingle_hashes(text, self.shingle_words, self.powers)
         if shingles.size == 0:
             return _EMPTY
+        block = np.empty((min(shingles.size, _SHINGLE_BLOCK), self.a.size), dtype=np.uint64)
+        minima = np.full(self.a.size, np.iinfo(np.uint64).max, dtype=np.uint64)
         with np.errstate(over="ignore"):
-            hashed = np.multiply.outer(shingles, self.a)  # (shingles, num_perm), wrapping mod 2^64
-            hashed += self.b
+            for begin in range(0, shingles.size, _SHINGLE_BLOCK):  # a running minimum over blocks of shingles
+                part = shingles[begin : begin + _SHINGLE_BLOCK]
+                hashed = np.multiply(part[:, None], self.a, out=block[: part.size])  # wrapping mod 2^64
+                hashed += self.b
+                np.minimum(minima, hashed.min(axis=0), out=minima)
         # the top 32 bits of the smallest value are the smallest top 32 bits: shift 128 values, not all
-        return (hashed.min(axis=0) >> np.uint64(32)).astype(np.uint32)
+        return (minima >> np.uint64(32)).astype(np.uint32)
 
 
 def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:

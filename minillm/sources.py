@@ -27,6 +27,7 @@ import codecs
 import csv
 import gzip
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -47,6 +48,10 @@ FORMATS = ("auto", "text", "jsonl", "json", "csv", "tsv")
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".tab": "tsv"}
 _MAX_JSON_RECORD = 64 << 20  # a JSON array element larger than this is taken for malformed JSON
 _JSON_SPACE = re.compile(r"[ \t\r\n\ufeff]*")
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # a byte that was not UTF-8, as surrogateescape keeps it
+# a quoted CSV field from its opening quote: text and doubled quotes, then the closing quote if there is one
+_QUOTED_FIELD = re.compile(r'"[^"]*(?:""[^"]*)*("?)')
+_READ_ERRORS = (OSError, EOFError, zlib.error)  # gzip.BadGzipFile is an OSError; EOFError: a cut-off .gz
 
 
 class DataError(ValueError):
@@ -83,7 +88,7 @@ class SourceConfig:
 @dataclass
 class Document:
     text: str
-    source: str  # where it came from: "path:line", "path", "https://...:line"
+    source: str  # where it came from: "path:line", "path", "https://...:line"; always valid UTF-8 (`readable`)
     label: str | None = None
     split: str | None = None  # train, val, test, or None (the pipeline assigns one by hash)
 
@@ -117,6 +122,16 @@ def read_documents(config: SourceConfig, *, progress: bool = True) -> Iterator[D
             return
 
 
+def readable(name: str) -> str:
+    """A file name as text that can be written anywhere: the bytes of a name that is not UTF-8, which
+    Python keeps as lone surrogates (os.fsdecode), become escapes such as "caf\\xe9.txt"."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def read_input(location: str, split: str | None, config: SourceConfig,
                progress: bool = True) -> Iterator[Document | BadRecord]:
     if re.match(r"https?://", location):
@@ -127,16 +142,19 @@ def read_input(location: str, split: str | None, config: SourceConfig,
         files = sorted(p for p in path.glob(config.glob)
                        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
-            raise DataError(f"{location}: no files match --glob {config.glob!r} in this folder")
+            raise DataError(f"{readable(location)}: no files match --glob {config.glob!r} in this folder")
         for file in files:
-            yield from read_file(file, str(file), split, config)
+            yield from read_file(file, readable(str(file)), split, config)
     elif path.exists():
-        yield from read_file(path, location, split, config)
+        yield from read_file(path, readable(location), split, config)
     else:
-        raise DataError(f"{location}: no such file or folder")
+        raise DataError(f"{readable(location)}: no such file or folder")
 
 
 def detect_format(name: str) -> str:
+    """The format a file name implies; a URL's comes from its path, so ".../x.jsonl?download=1" is jsonl."""
+    if re.match(r"https?://", name):
+        name = urllib.parse.urlsplit(name).path
     base = name.lower().removesuffix(".gz")
     return next((fmt for ext, fmt in _EXTENSIONS.items() if base.endswith(ext)), "text")
 
@@ -144,7 +162,7 @@ def detect_format(name: str) -> str:
 def read_file(path: Path, name: str, split: str | None, config: SourceConfig) -> Iterator[Document | BadRecord]:
     """One file's records; `name` is what messages call it (the URL for a download)."""
     fmt = detect_format(name) if config.format == "auto" else config.format
-    if fmt == "json" and _first_char(path) != "[":
+    if fmt == "json" and _first_char(path, name) != "[":
         fmt = "jsonl"  # a .json file of one object per line
     reader = {"text": _read_text, "jsonl": _read_jsonl, "json": _read_json_array}.get(fmt)
     if reader is not None:
@@ -163,21 +181,42 @@ def _open(path: Path):
     return gzip.open(path, "rb") if gzipped else open(path, "rb")
 
 
-def _first_char(path: Path) -> str:
-    with _open(path) as f:
-        head = f.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+def _first_char(path: Path, name: str) -> str:
+    try:
+        with _open(path) as f:
+            head = f.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+    except _READ_ERRORS as err:
+        raise _unreadable(name, err) from None
     return head[:1]
 
 
-class _Lines:
-    """A file's lines decoded one by one, so a bad byte is reported with its line number. In skip
-    mode undecodable lines are left out and listed in `bad` for the reader to turn into records."""
+def _unreadable(name: str, err: Exception, after_line: int | None = None) -> DataError:
+    """The error for a file that cannot be read (or decompressed) to its end."""
+    where = f" after line {after_line}" if after_line is not None else ""
+    hint = " (a truncated or damaged gzip file?)" if isinstance(err, (EOFError, zlib.error, gzip.BadGzipFile)) else ""
+    return DataError(f"{name}: cannot read{where}: {err}{hint}")
 
-    def __init__(self, path: Path, name: str, on_bad: str):
+
+class _Lines:
+    """A file's lines decoded one by one, so a bad byte is reported with its line number.
+
+    In skip mode an undecodable line is left out and listed in `bad` for the reader to turn into a
+    record; with `keep_bad` it is yielded instead, its bad bytes as lone surrogates (surrogateescape),
+    and its problem is kept in `bad_lines` by line number: a text reader needs every line in place
+    to cut documents and number them right, and drops the document that holds the bad line.
+    With `keep_record` the lines of each record (CSV) are kept until the next `take_start`.
+    """
+
+    def __init__(self, path: Path, name: str, on_bad: str, keep_bad: bool = False, keep_record: bool = False):
         self.path, self.name, self.on_bad = path, name, on_bad
+        self.keep_bad, self.keep_record = keep_bad, keep_record
         self.lineno = 0  # the line last read
+        self.eof = False  # the whole file has been read
         self.record_start: int | None = None  # first line of the record being read (CSV)
+        self.record_lines: list[str] = []  # with keep_record: the lines of the record being read
+        self.last_record: list[str] = []  # ... and of the one before `take_start`: for error messages
         self.bad: list[tuple[str, str]] = []  # (where, problem) of undecodable lines not yet reported
+        self.bad_lines: dict[int, str] = {}  # with keep_bad: line number -> problem, in line order
 
     def __iter__(self) -> Iterator[str]:
         try:
@@ -191,18 +230,26 @@ class _Lines:
                         problem = f"bytes are not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
                         if self.on_bad == "error":
                             raise DataError(f"{where}: {problem}") from None
-                        self.bad.append((where, problem))
-                        continue
+                        if not self.keep_bad:
+                            self.bad.append((where, problem))
+                            continue
+                        self.bad_lines[self.lineno] = problem
+                        line = raw.decode("utf-8", errors="surrogateescape")
                     if self.lineno == 1:
                         line = line.removeprefix("\ufeff")
                     if self.record_start is None:
                         self.record_start = self.lineno
+                    if self.keep_record:
+                        self.record_lines.append(line)
                     yield line
-        except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
-            raise DataError(f"{self.name}: cannot read after line {self.lineno}: {err}") from None
+            self.eof = True
+        except _READ_ERRORS as err:
+            raise _unreadable(self.name, err, self.lineno) from None
 
     def take_start(self) -> int:
+        """The first line of the record just read; starts the next record."""
         start, self.record_start = self.record_start, None
+        self.last_record, self.record_lines = self.record_lines, []
         return start if start is not None else self.lineno
 
     def drain(self, split: str | None, config: SourceConfig) -> Iterator[BadRecord]:
@@ -249,7 +296,7 @@ def _read_table(path: Path, name: str, split: str | None, config: SourceConfig,
                 delimiter: str) -> Iterator[Document | BadRecord]:
     # subtle: csv's field size limit (128 KiB) is process-wide; raising it only ever accepts more
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
-    lines = _Lines(path, name, config.on_bad)
+    lines = _Lines(path, name, config.on_bad, keep_record=delimiter != "\t")
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     reader = csv.reader(lines, delimiter=delimiter, quoting=quoting)
     header = list(config.columns) or None
@@ -264,7 +311,8 @@ def _read_table(path: Path, name: str, split: str | None, config: SourceConfig,
         except csv.Error as err:
             row, error = None, str(err)
         yield from lines.drain(split, config)
-        where = f"{name}:{lines.take_start()}"
+        start = lines.take_start()
+        where = f"{name}:{start}"
         if error is not None:
             yield _bad(where, error, split, config)
         elif not row:
@@ -272,11 +320,48 @@ def _read_table(path: Path, name: str, split: str | None, config: SourceConfig,
         elif header is None:
             header = row
             _check_columns(header, f"{where}: the header", config)
-        elif len(row) != len(header):
-            yield _bad(where, f"expected {len(header)} fields ({', '.join(header)}), got {len(row)}", split, config)
         else:
-            yield _record_document(dict(zip(header, row)), where, split, config)
+            # a quote left open swallows the lines after it up to the next quote, or to the end of
+            # the file; the csv module says nothing, so look for one where the row looks wrong
+            quote = _quote_over_lines(lines.last_record, start, delimiter) \
+                if len(row) != len(header) or lines.eof else None
+            if len(row) == len(header) and (quote is None or quote[1] is not None):
+                yield _record_document(dict(zip(header, row)), where, split, config)
+                continue
+            problems = [f"expected {len(header)} fields ({', '.join(header)}), got {len(row)}"] \
+                if len(row) != len(header) else []
+            if quote is not None:
+                opened, closed = quote
+                problems.append(f"the quoted field opened at line {opened} never closes: it runs to the end of the "
+                                f"file (line {lines.lineno})" if closed is None else
+                                f"the quoted field opened at line {opened} runs on to line {closed}: is a closing "
+                                f"quote missing?")
+            yield _bad(where, "; ".join(problems), split, config)
     yield from lines.drain(split, config)  # undecodable lines at the very end
+
+
+def _quote_over_lines(record: list[str], first_line: int, delimiter: str) -> tuple[int, int | None] | None:
+    """(the line it opens on, the line it closes on or None: never) of the first quoted field of a
+    CSV record that is left open or runs over a line end; None when there is none. Scans the
+    record's lines as the csv module reads them (outside quotes a quote is a plain character)."""
+    text = "".join(record)
+    plain = re.compile(f"[^{re.escape(delimiter)}\r\n]*")  # the rest of a field: to a delimiter or line end
+    pos = 0
+    while pos < len(text):
+        if text[pos] == '"':
+            quoted = _QUOTED_FIELD.match(text, pos)
+            opened = first_line + text.count("\n", 0, pos)
+            if not quoted.group(1):
+                return opened, None
+            spans = text.count("\n", pos, quoted.end())
+            if spans:
+                return opened, opened + spans
+            pos = quoted.end()
+        pos = plain.match(text, pos).end()
+        if pos >= len(text) or text[pos] != delimiter:
+            return None  # the end of the record's first line, and no quoted field ran over it
+        pos += 1
+    return None
 
 
 def _check_columns(header: list[str], where: str, config: SourceConfig) -> None:
@@ -316,7 +401,10 @@ def _read_json_array(path: Path, name: str, split: str | None,
 
         def refill() -> None:
             nonlocal buf, pos, eof
-            chunk = f.read(1 << 20)
+            try:
+                chunk = f.read(1 << 20)
+            except _READ_ERRORS as err:  # a damaged .gz: the bytes so far decoded, then this
+                raise _unreadable(name, err, line + buf.count("\n", pos)) from None
             eof = not chunk
             try:
                 text = utf8.decode(chunk, final=eof)
@@ -369,43 +457,61 @@ def _read_json_array(path: Path, name: str, split: str | None,
 def _read_text(path: Path, name: str, split: str | None, config: SourceConfig) -> Iterator[Document | BadRecord]:
     sep = config.doc_sep
     if not sep:
-        with _open(path) as f:
-            data = f.read()
+        try:
+            with _open(path) as f:
+                data = f.read()
+        except _READ_ERRORS as err:
+            raise _unreadable(name, err) from None
         try:
             yield Document(data.decode("utf-8").removeprefix("\ufeff"), name, None, split)
         except UnicodeDecodeError as err:
             lineno = data.count(b"\n", 0, err.start) + 1
             yield _bad(f"{name}:{lineno}", f"bytes are not UTF-8 (byte 0x{data[err.start]:02x})", split, config)
         return
-    lines = _Lines(path, name, config.on_bad)
-    if sep == "blank":  # paragraphs: runs of non-blank lines
+    # subtle: with on_bad=skip an undecodable line stays in the text (as surrogates), so separators
+    # are found and lines numbered as in the file; the document holding it is then one bad record
+    lines = _Lines(path, name, config.on_bad, keep_bad=True)
+
+    def document(text: str, start: int) -> Document | BadRecord:
+        bad = lines.bad_lines
+        while bad and next(iter(bad)) < start:  # lines before this document: no later one holds them
+            del bad[next(iter(bad))]
+        escaped = _ESCAPED_BYTE.search(text) if bad else None
+        if escaped is None:
+            return Document(text, f"{name}:{start}", None, split)
+        lineno = start + text.count("\n", 0, escaped.start())
+        within = f" (the document from line {start} is left out)" if lineno != start else ""
+        return _bad(f"{name}:{lineno}", bad[lineno] + within, split, config)
+
+    if sep == "line":
+        for line in lines:
+            if line.strip():
+                yield document(line.removesuffix("\n"), lines.lineno)
+    elif sep == "blank":  # paragraphs: runs of non-blank lines
         paragraph, start = [], 1
         for line in lines:
-            yield from lines.drain(split, config)
             if line.strip():
                 if not paragraph:
                     start = lines.lineno
                 paragraph.append(line)
             elif paragraph:
-                yield Document("".join(paragraph), f"{name}:{start}", None, split)
+                yield document("".join(paragraph), start)
                 paragraph = []
         if paragraph:
-            yield Document("".join(paragraph), f"{name}:{start}", None, split)
+            yield document("".join(paragraph), start)
     else:
-        literal = "\n" if sep == "line" else sep.replace("\\n", "\n").replace("\\t", "\t")
+        literal = sep.replace("\\n", "\n").replace("\\t", "\t")
         buffer, start = "", 1
         for line in lines:
-            yield from lines.drain(split, config)
             search_from = max(0, len(buffer) - len(literal) + 1)  # never rescan what was searched
             buffer += line
             while (cut := buffer.find(literal, search_from)) >= 0:
                 piece, buffer, search_from = buffer[:cut], buffer[cut + len(literal) :], 0
                 if piece.strip():
-                    yield Document(piece, f"{name}:{start}", None, split)
-                start += piece.count("\n") + literal.count("\n")
+                    yield document(piece, start)
+                start += piece.count("\n") + literal.count("\n")  # every line is in the text: exact
         if buffer.strip():
-            yield Document(buffer, f"{name}:{start}", None, split)
-    yield from lines.drain(split, config)
+            yield document(buffer, start)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,14 +537,21 @@ def fetch(url: str, cache_dir: Path | None = None, *, progress: bool = True) -> 
     partial = target.with_name(f"{target.name}.{os.getpid()}.part")
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
-            with Progress(total=response.length, desc=f"download {base}", unit="bytes", enabled=progress) as bar:
+            announced, received = response.length, 0  # Content-Length; None when the server gives none
+            with Progress(total=announced, desc=f"download {base}", unit="bytes", enabled=progress) as bar:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
+                    received += len(chunk)
                     bar.update(len(chunk))
+        # subtle: http.client ends a read quietly when the connection drops before Content-Length
+        # bytes came, so a cut-off download looks finished unless the count is checked here
+        if announced is not None and received != announced:
+            raise DataError(f"{url}: download cut short: received {received:,} of the {announced:,} bytes the "
+                            f"server announced (Content-Length); run again to retry")
         os.replace(partial, target)
     except urllib.error.HTTPError as err:
         raise DataError(f"{url}: download failed: HTTP {err.code} {err.reason}") from None
-    except (urllib.error.URLError, OSError) as err:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:  # IncompleteRead: a cut chunk
         raise DataError(f"{url}: download failed: {getattr(err, 'reason', err)}") from None
     finally:
         partial.unlink(missing_ok=True)

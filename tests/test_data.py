@@ -5,6 +5,7 @@ splits, the same result on 1 and 2 worker processes, clear errors, and prepare.p
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minillm.cleaning import CleanConfig, normalize, redact
-from minillm.data import (REASONS, DataError, PrepareConfig, TokenFile, assign_split, check_accounting, format_report,
-                          iter_documents, load_report, prepare, random_windows)
+from minillm.data import (REASONS, Cleaned, DataError, PrepareConfig, Survivors, TokenFile, assign_split,
+                          check_accounting, format_report, iter_documents, load_report, prepare, random_windows)
 from minillm.dedup import DedupConfig, exact_key
 from minillm.sources import SourceConfig
 from minillm.tokenizer import Tokenizer
@@ -210,6 +211,60 @@ def test_empty_results_say_which_filter_removed_everything(tmp_path, tokenizer_p
     assert report["splits"]["test"]["kept"] == 1 and report["splits"]["train"]["tokens"] == 0
     with pytest.raises(DataError, match="no documents were read"):
         run(tmp_path, [])
+
+
+def test_all_bad_records_are_quoted_in_the_error(tmp_path):
+    """When every record is bad the error itself shows the first three (no outputs are written, so
+    there is no dropped.jsonl to point at, or only an older run's)."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "dropped.jsonl").write_text('{"from": "an older run"}\n')
+    rows = ['{"text": "broken', '{"text": 5}', '["text"]', '{"body": "x"}']
+    with pytest.raises(DataError) as err:
+        run(tmp_path, rows, source__on_bad="skip")
+    message = str(err.value)
+    assert re.match(r"all 4 documents were dropped: bad_record 4 \(first: \S*out.jsonl:1: malformed JSON", message)
+    assert "out.jsonl:2: field 'label' is missing" in message and "out.jsonl:3: expected a JSON object" in message
+    assert "out.jsonl:4" not in message and message.endswith("; ...)") and "dropped.jsonl" not in message
+
+
+def test_a_file_name_that_is_not_utf8_is_kept_and_recorded_readably(tmp_path, tokenizer_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    try:
+        with open(os.path.join(os.fsencode(folder), b"caf\xe9.txt"), "wb") as f:  # Latin-1, as old archives are
+            f.write(paragraph(1).encode())
+    except OSError:
+        pytest.skip("this file system refuses file names that are not UTF-8")
+    (folder / "plain.txt").write_text(paragraph(2))
+    config = PrepareConfig(out=tmp_path / "out", num_workers=1, progress=False, tokenizer=tokenizer_path,
+                           val_fraction=0.0, test_fraction=0.0)
+    report = prepare(config, SourceConfig(input=[str(folder)]))
+    assert report["splits"]["train"]["kept"] == 2
+    sources = [row["source"] for row in read_jsonl(tmp_path / "out" / "documents.jsonl")]
+    assert sources == [str(folder / "caf\\xe9.txt"), str(folder / "plain.txt")]
+
+
+def test_many_distinct_labels_are_looked_up_not_searched(tmp_path):
+    """Each new label costs O(1), not a scan of the labels seen so far: a label type that counts its
+    comparisons shows it (a list lookup compares with every earlier label: n^2 / 2 comparisons)."""
+    compared = [0]
+
+    class Label(str):
+        __hash__ = str.__hash__
+
+        def __eq__(self, other):
+            compared[0] += 1
+            return str.__eq__(self, other)
+
+    survivors = Survivors(tmp_path / "spool.bin")
+    no_signatures = np.zeros((0, 128), dtype=np.uint32)
+    labels = [Label(f"label {i}") for i in range(2000)]
+    for i, label in enumerate(labels + labels[:10]):
+        survivors.add(Cleaned(i, "train", label, f"a.jsonl:{i}", "kept", None, b"text", bytes(16), -1, 4, (), {}),
+                      no_signatures)
+    survivors.close()
+    assert [survivors.label(i) for i in range(len(survivors))] == labels + labels[:10]
+    assert compared[0] < 100  # a few hash collisions at most; a list lookup makes about 2,000,000
 
 
 def test_training_windows_from_a_prepared_folder(tmp_path, tokenizer_path):

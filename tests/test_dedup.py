@@ -3,10 +3,11 @@ against true Jaccard similarity, LSH parameters, and near-copies found (and non-
 
 import random
 import re
+import tracemalloc
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minillm.dedup import (DedupConfig, DuplicateIndex, MinHasher, estimated_jaccard, exact_key, lsh_params,
@@ -26,6 +27,13 @@ def reference_word_hashes(text: str) -> list[int]:
 @given(st.text(max_size=80))
 def test_word_hashes_match_reference(text):
     assert word_hashes(text).tolist() == reference_word_hashes(text)
+
+
+@given(st.text(st.sampled_from(list("ab1_ é-.\n日")), max_size=60), st.integers(1, 9))
+def test_word_hashes_in_blocks_match_reference(text, block):
+    """A long text is hashed in blocks cut between words (here tiny ones, so every cut is tried,
+    also a word longer than a block); no word's hash may change."""
+    assert word_hashes(text, block=block).tolist() == reference_word_hashes(text)
 
 
 def test_exact_key_ignores_case_and_spacing_only():
@@ -63,6 +71,39 @@ def test_signatures_are_deterministic_and_seeded():
     assert not np.array_equal(MinHasher(seed=7).signature(text), MinHasher(seed=8).signature(text))
     assert MinHasher().signature("!!! ...").size == 0  # no words: no signature
     assert shingle_hashes("just three words", 5).size == 1  # shorter than a shingle: one shingle
+
+
+def whole_matrix_signature(hasher: MinHasher, text: str) -> np.ndarray:
+    """The signature as first written: every shingle against every permutation in one matrix."""
+    shingles = shingle_hashes(text, hasher.shingle_words)
+    with np.errstate(over="ignore"):
+        hashed = np.multiply.outer(shingles, hasher.a) + hasher.b
+    return (hashed.min(axis=0) >> np.uint64(32)).astype(np.uint32)
+
+
+@settings(max_examples=20)
+@given(st.integers(1, 3000), st.integers(0, 2**32), st.sampled_from([2, 64, 128]))
+def test_signatures_in_blocks_are_bit_identical(num_words, seed, num_perm):
+    """Shingles are hashed block by block with a running minimum: bit for bit what the whole
+    (shingles, num_perm) matrix gave, across block boundaries (1,024 shingles) too."""
+    hasher = MinHasher(num_perm, seed % 1000)
+    text = " ".join(words(num_words, seed))
+    assert np.array_equal(hasher.signature(text), whole_matrix_signature(hasher, text))
+
+
+def test_a_huge_document_is_hashed_in_bounded_memory():
+    """200,000 words (1.2 MB of text, past the 1 MB word-hashing block) at 128 permutations: the
+    whole shingle matrix alone would be 200,000 * 128 * 8 bytes = 205 MB."""
+    text = " ".join(words(200_000, 5))
+    hasher = MinHasher()
+    tracemalloc.start()
+    try:
+        signature = hasher.signature(text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 80_000_000, f"{peak / 1e6:.0f} MB"
+    assert signature.dtype == np.uint32 and signature.shape == (128,)  # the values: the two tests above
 
 
 def test_lsh_params_put_the_s_curve_at_the_threshold():

@@ -16,7 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minillm.default_corpus import default_corpus, module_docstrings
-from minillm.sources import BadRecord, DataError, Document, SourceConfig, fetch, parse_input, read_documents
+from minillm.sources import (BadRecord, DataError, Document, SourceConfig, detect_format, fetch, parse_input,
+                             read_documents)
 
 
 def read(tmp_path, name, content, **options):
@@ -267,3 +268,111 @@ def test_round_trip_through_every_record_format(tmp_path_factory, rows):
     for name in ("a.csv", "a.jsonl", "a.json", "b.jsonl.gz"):
         docs = list(read_documents(SourceConfig(input=[str(folder / name)], label_field="label"), progress=False))
         assert [(d.text, d.label) for d in docs] == rows, name
+
+
+def gzip_cut_short(data: bytes) -> bytes:
+    whole = gzip.compress(data)
+    return whole[: len(whole) // 2]
+
+
+def gzip_damaged(data: bytes) -> bytes:
+    whole = bytearray(gzip.compress(data))
+    whole[20] ^= 0xFF  # inside the deflate stream: zlib.error ("invalid ...") or a CRC mismatch
+    return bytes(whole)
+
+
+@pytest.mark.parametrize("damage", [gzip_cut_short, gzip_damaged, lambda data: b"\x1f\x8b" + b"not really gzip"])
+@pytest.mark.parametrize("name,options", [("a.txt.gz", {}), ("a.json.gz", {}), ("a.txt.gz", {"doc_sep": "line"}),
+                                          ("a.jsonl.gz", {}), ("a.csv.gz", {})])
+def test_damaged_gzip_is_a_data_error_naming_the_file(tmp_path, damage, name, options):
+    """Every reader (whole-file text, JSON array and its first-character probe, the line readers)
+    turns a truncated or corrupt .gz into a DataError that names the file, never a traceback."""
+    records = [{"text": f"document number {i} " * 20} for i in range(300)]
+    plain = {"a.json.gz": json.dumps(records), "a.csv.gz": "text\n" + "".join(f"row {i} " * 20 + "\n" for i in range(300))}
+    content = plain.get(name, "".join(json.dumps(r) + "\n" for r in records)).encode()
+    with pytest.raises(DataError, match=rf"{re.escape(name)}: cannot read"):
+        read(tmp_path, name, damage(content), **options)
+
+
+@pytest.fixture
+def short_server():
+    """A local HTTP server that announces 1,000 bytes (Content-Length) and sends 100: a dropped
+    connection, as a download cut off halfway looks."""
+
+    class Short(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b'{"text": "cut"}\n' * 6 + b"{")  # 97 bytes
+            self.wfile.flush()
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Short)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_cut_off_download_is_never_cached_as_complete(tmp_path, short_server):
+    with pytest.raises(DataError, match=r"data.jsonl: download cut short: received 97 of the 1,000 bytes"):
+        fetch(f"{short_server}/data.jsonl", tmp_path / "cache", progress=False)
+    assert not any((tmp_path / "cache" / "downloads").iterdir())  # neither a cached file nor a partial one
+
+
+def test_format_of_a_url_comes_from_its_path(tmp_path, http_folder):
+    site, base, _ = http_folder
+    (site / "data.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    assert detect_format(f"{base}/data.jsonl?download=true") == "jsonl"
+    assert detect_format("https://h/x.csv.gz?a=b.txt#frag") == "csv"
+    config = SourceConfig(input=[f"{base}/data.jsonl?download=true"], cache_dir=tmp_path / "cache")
+    assert [d.text for d in read_documents(config, progress=False)] == ["one", "two"]
+
+
+@pytest.mark.parametrize("doc_sep,content,expected", [
+    # one document per line: the lines after a bad one keep their own numbers
+    ("line", b"a\n\xff\nc\nd", [("a", 1), ("bad", 2), ("c", 3), ("d", 4)]),
+    # paragraphs: the paragraph holding the bad line is one bad record, not a kept remnant and a bad record
+    ("blank", b"p1\nbad \xff\np1 end\n\np2\n", [("bad", 2), ("p2\n", 5)]),
+    ("blank", b"\xfe first\nnext\n\n\nlast", [("bad", 1), ("last", 5)]),
+    # a literal separator, also one that sits on the bad line itself
+    ("<|endoftext|>", b"one\n<|endoftext|>two\nbad \xff\n<|endoftext|>three\n",
+     [("one\n", 1), ("bad", 3), ("three\n", 4)]),
+    ("<|endoftext|>", b"a<|endoftext|>\xff<|endoftext|>b\nc<|endoftext|>d",
+     [("a", 1), ("bad", 1), ("b\nc", 1), ("d", 2)]),
+])
+def test_skipped_undecodable_lines_in_text_files(tmp_path, doc_sep, content, expected):
+    """With on_bad=skip every document is either kept or one bad record, and is numbered by the line
+    of the file it starts on (a bad record: the bad line's)."""
+    items = read(tmp_path, "a.txt", content, doc_sep=doc_sep, on_bad="skip")
+    got = [("bad" if isinstance(item, BadRecord) else item.text, int(item.source.rsplit(":", 1)[1]))
+           for item in items]
+    assert got == expected
+    bad = [item for item in items if isinstance(item, BadRecord)]
+    assert all("bytes are not UTF-8" in item.message for item in bad)
+
+
+@pytest.mark.parametrize("content,message", [
+    ('text,label\nok,a\n"unclosed,b\nfine,c\nmore,d\n',
+     r"a.csv:3: expected 2 fields \(text, label\), got 1; the quoted field opened at line 3 never closes: "
+     r"it runs to the end of the file \(line 5\)"),
+    # the right number of fields, but only because the open quote took in the rest of the file
+    ('text,label\nok,a\nx,"unclosed\nfine,c\nmore,d', r"a.csv:3: the quoted field opened at line 3 never closes: "
+     r"it runs to the end of the file \(line 5\)"),
+    ('text,label\nok,a\nx,"unclosed', r"a.csv:3: the quoted field opened at line 3 never closes"),
+    ('text,label\nok,a\n"multi\nline",b,extra\n', r"a.csv:3: expected 2 fields \(text, label\), got 3; "
+     r"the quoted field opened at line 3 runs on to line 4"),
+])
+def test_unclosed_csv_quote_says_where_it_opened(tmp_path, content, message):
+    with pytest.raises(DataError, match=message):
+        read(tmp_path, "a.csv", content)
+
+
+def test_quoted_fields_over_lines_at_the_end_of_a_file_are_fine(tmp_path):
+    docs = read(tmp_path, "a.csv", 'text,label\n"multi\nline, ""quoted""",b', label_field="label")
+    assert [(d.text, d.label) for d in docs] == [('multi\nline, "quoted"', "b")]

@@ -66,7 +66,24 @@ def test_file_is_readable(tok, tmp_path):
 def damage(lines):
     """name -> (how to damage the file's lines, the line number the error must name, message)."""
     merge_line = next(i for i, line in enumerate(lines) if line.startswith("merges ")) + 2
-    return {
+    byte_line = next(i for i, line in enumerate(lines) if line.startswith("bytes ")) + 2  # byte 0x00's
+    special_line = next(i for i, line in enumerate(lines) if line.startswith("special ")) + 2
+    first_new = lines[merge_line - 1].split()[0]  # the id the first merge makes
+    at_id = lines[byte_line - 1 + 0x40].split()[1]  # the id of byte 0x40
+    special = lines[special_line - 1].split(" ", 1)[1]  # the first special token, as JSON
+
+    def replace(index, line):
+        return lambda ls: [*ls[:index], line, *ls[index + 1:]]
+
+    # lines that parse but define tokens that cannot be: the error names the line all the same
+    consistency = {
+        "undefined_merge": (replace(merge_line - 1, f"{first_new} = 99999 + 1"), merge_line, "uses token 99999"),
+        "redefined": (replace(merge_line, f"{first_new} = " + lines[merge_line].split(" = ", 1)[1]), merge_line + 1,
+                      f"token id {first_new} is already"),
+        "byte": (replace(byte_line - 1 + 0x41, f"0x41 {at_id}"), byte_line + 0x41, f"token id {at_id} is already"),
+        "special": (replace(special_line - 1, f"{at_id} {special}"), special_line, f"token id {at_id} is already"),
+    }
+    return consistency | {
         "magic": (lambda ls: ["gpt2-bpe 1", *ls[1:]], 1, "not a minillm tokenizer file"),
         "version": (lambda ls: ["minillm-bpe 2", *ls[1:]], 1, "version '2' is not supported"),
         "merge": (lambda ls: [*ls[:merge_line - 1], "290 = x + 3", *ls[merge_line:]], merge_line, "must be an integer"),
@@ -253,6 +270,29 @@ def test_command_line(tmp_path, capsys):
     assert main(["encode", f"--tokenizer={tmp_path / 'nope.bpe'}", "--text=x"]) == 1
     assert "nope.bpe" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2
+
+
+def test_command_line_reads_files_as_stored(tok, tmp_path, capsys):
+    """Text files are decoded from their bytes: CRLF stays CRLF, so byte counts are the file's and
+    training sees the \r; a file that is not UTF-8 is an error that names it."""
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"one line\r\nanother line\r\n" * 50)
+    tok.save(tmp_path / "tok.bpe")
+    assert main(["stats", f"--tokenizer={tmp_path / 'tok.bpe'}", f"--files={crlf}", "--gpt2=none"]) == 0
+    assert f" {crlf.stat().st_size:,} " in capsys.readouterr().out  # 1,200 bytes, not 1,100
+    assert main(["encode", f"--tokenizer={tmp_path / 'tok.bpe'}", f"--file={crlf}"]) == 0
+    assert capsys.readouterr().out.startswith(f"{crlf.stat().st_size:,} bytes -> ")
+    out = tmp_path / "crlf.bpe"
+    assert main(["train", f"--files={crlf}", "--vocab_size=269", f"--out={out}", "--num_workers=1"]) == 0
+    trained = Tokenizer.load(out)
+    assert b"\r\n" in {trained.token_bytes(new) for *_, new in trained.merges}
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes(b"plain\ncaf\xe9\n")
+    for command in (["train", f"--files={latin}", f"--out={out}"],
+                    ["stats", f"--tokenizer={out}", f"--files={latin}", "--gpt2=none"],
+                    ["encode", f"--tokenizer={out}", f"--file={latin}"]):
+        assert main(command) == 1
+        assert f"{latin}:2: not UTF-8 text (byte 0xe9 at offset 9)" in capsys.readouterr().err, command[0]
 
 
 def test_module_entry_point(tmp_path):

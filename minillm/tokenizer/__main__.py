@@ -86,7 +86,7 @@ def train(config: TrainConfig) -> None:
     if not config.files:
         raise ValueError("--files: give at least one text file to train on")
     print(format_config(config))
-    texts = (Path(name).read_text(encoding="utf-8") for name in config.files)  # read lazily, one at a time
+    texts = (read_text_file(name) for name in config.files)  # read lazily, one at a time
     tokenizer = Tokenizer.train(
         texts, config.vocab_size, pattern=config.pattern, special_tokens=config.special_tokens,
         verbose=True, num_workers=config.num_workers,
@@ -100,7 +100,7 @@ def train(config: TrainConfig) -> None:
 def encode(config: EncodeConfig) -> None:
     """Show the ids and tokens a text encodes to."""
     tokenizer = _open(config.tokenizer, config.pattern)
-    text = Path(config.file).read_text(encoding="utf-8") if config.file else config.text
+    text = read_text_file(config.file) if config.file else config.text
     allowed = config.allowed_special if config.allowed_special in ("none", "all") else set(config.allowed_special.split(","))
     ids = tokenizer.encode(text, allowed_special=allowed)
     size = len(text.encode("utf-8"))
@@ -124,8 +124,8 @@ def stats(config: StatsConfig) -> None:
     print(f"tokenizer: {tokenizer!r}")
     print(head + (f" {'GPT-2 tokens':>13} {'GPT-2 b/t':>10}" if reference else ""))
     for name in config.files:
-        text = Path(name).read_text(encoding="utf-8")
-        size = len(text.encode("utf-8"))
+        text = read_text_file(name)
+        size = len(text.encode("utf-8"))  # the file's size: nothing was translated
         n = len(tokenizer.encode_ordinary(text))
         line = f"{Path(name).name:<32} {size:>12,} {n:>11,} {size / max(n, 1):>12.2f}"
         if reference:
@@ -154,6 +154,18 @@ def export(config: ExportConfig) -> None:
     else:
         tokenizer.save(config.out)
         print(f"wrote {config.out}")
+
+
+def read_text_file(name: str) -> str:
+    """A file's text exactly as stored: decoded from its bytes, so CRLF line ends stay CRLF (read_text
+    would make them LF, and the byte counts and the training text would not be the file's); an
+    error names the file when it is not UTF-8."""
+    data = Path(name).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"{name}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start:,})") from None
 
 
 def _open(path: str, pattern: str | None) -> Tokenizer:

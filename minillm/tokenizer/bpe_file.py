@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 
 from minillm.tokenizer.bpe import render
-from minillm.tokenizer.core import Tokenizer
+from minillm.tokenizer.core import InvalidTokenError, Tokenizer
 
 MAGIC, VERSION = "minillm-bpe", 1
 
@@ -102,10 +102,14 @@ def load_bpe(path) -> Tokenizer:
     pos = 1
     pattern = json_string(record("pattern"), "the pattern")
     vocab_size = integer(record("vocab_size"), "vocab_size")
+    # the line (0-based) each token is defined on, so an inconsistent one is reported where it is
+    defined_at: dict[str, dict] = {"byte": {}, "merge": {}, "special": {}}
     specials = {}
     for _ in range(integer(record("special"), "the special-token count")):
         id_text, _, token = next_line("a special token").partition(" ")
-        specials[json_string(token.strip(), "a special token")] = integer(id_text, "a special token's id")
+        token = json_string(token.strip(), "a special token")
+        specials[token] = integer(id_text, "a special token's id")
+        defined_at["special"][token] = pos - 1
     if integer(record("bytes"), "the byte count") != 256:
         raise fail("there must be exactly 256 byte lines", pos - 1)
     byte_ids = []
@@ -114,6 +118,7 @@ def load_bpe(path) -> Tokenizer:
         if len(fields) != 2 or integer(fields[0], "a byte value") != byte:
             raise fail(f"expected '{byte:#04x} ID' (byte {byte:#04x} and its id), found {lines[pos - 1].strip()[:60]!r}", pos - 1)
         byte_ids.append(integer(fields[1], "a byte's id"))
+        defined_at["byte"][byte] = pos - 1
     merges = []
     count = integer(record("merges"), "the merge count")
     for rank in range(count):
@@ -121,11 +126,18 @@ def load_bpe(path) -> Tokenizer:
         if len(fields) != 5 or fields[1] != "=" or fields[3] != "+":
             raise fail(f"expected a merge 'NEW = LEFT + RIGHT', found {lines[pos - 1].strip()[:60]!r}", pos - 1)
         merges.append((integer(fields[2], "a token id"), integer(fields[4], "a token id"), integer(fields[0], "a token id")))
+        defined_at["merge"][rank] = pos - 1
     for extra in range(pos, len(lines)):
         if lines[extra].strip() and not lines[extra].strip().startswith("#"):
             raise fail(f"unexpected line after the last merge: {lines[extra].strip()[:60]!r}", extra)
     try:
         tokenizer = Tokenizer(pattern, byte_ids, merges, specials)
+    except InvalidTokenError as err:
+        kind, key = err.where or (None, None)
+        line = defined_at.get(kind, {}).get(key)
+        if line is None:
+            raise TokenizerFileError(f"{path}: not a valid tokenizer: {err}") from None
+        raise fail(f"not a valid tokenizer: {err}", line) from None
     except ValueError as err:
         raise TokenizerFileError(f"{path}: not a valid tokenizer: {err}") from None
     if tokenizer.vocab_size != vocab_size:

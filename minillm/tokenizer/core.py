@@ -91,6 +91,15 @@ class _NewChunks(dict):
         return ids
 
 
+class InvalidTokenError(ValueError):
+    """A byte, merge or special token that cannot be defined. `where` says which: ("byte", byte value),
+    ("merge", rank) or ("special", token string), so a file loader can name the line that holds it."""
+
+    def __init__(self, message: str, where: tuple | None = None):  # where has a default: it pickles
+        super().__init__(message)
+        self.where = where
+
+
 class Tokenizer:
     """A byte-level BPE tokenizer. Build one with `train`, `load` or one of the importers."""
 
@@ -113,29 +122,31 @@ class Tokenizer:
         vocab: dict[int, bytes] = {}
         owner: dict[bytes, int] = {}  # the bytes of each ordinary token -> its id
 
-        def define(token_id: int, data: bytes, what: str, ordinary: bool = True) -> None:
+        def define(token_id: int, data: bytes, what: str, where: tuple, ordinary: bool = True) -> None:
             if token_id < 0:
-                raise ValueError(f"{what}: token id {token_id} is negative")
+                raise InvalidTokenError(f"{what}: token id {token_id} is negative", where)
             if token_id in vocab:
-                raise ValueError(f"{what}: token id {token_id} is already {render(vocab[token_id])}")
+                raise InvalidTokenError(f"{what}: token id {token_id} is already {render(vocab[token_id])}", where)
             if ordinary and data in owner:
-                raise ValueError(f"{what}: its bytes {render(data)} are already token {owner[data]}; every token needs its own bytes")
+                raise InvalidTokenError(f"{what}: its bytes {render(data)} are already token {owner[data]}; "
+                                        f"every token needs its own bytes", where)
             vocab[token_id] = data
             if ordinary:
                 owner[data] = token_id
 
         for byte, token_id in enumerate(self.byte_ids):
-            define(token_id, bytes([byte]), f"byte {byte:#04x}")
+            define(token_id, bytes([byte]), f"byte {byte:#04x}", ("byte", byte))
         for rank, (a, b, new) in enumerate(self.merges):
             if a not in vocab or b not in vocab:
                 missing = a if a not in vocab else b
-                raise ValueError(f"merge {rank} ({a} + {b} -> {new}) uses token {missing}, which no earlier byte or merge made")
-            define(new, vocab[a] + vocab[b], f"merge {rank} ({a} + {b} -> {new})")
+                raise InvalidTokenError(f"merge {rank} ({a} + {b} -> {new}) uses token {missing}, which no earlier "
+                                        f"byte or merge made", ("merge", rank))
+            define(new, vocab[a] + vocab[b], f"merge {rank} ({a} + {b} -> {new})", ("merge", rank))
         for token, token_id in list(self.special_tokens.items()):
             if not isinstance(token, str) or not token:
                 raise ValueError(f"special tokens must be non-empty strings, got {token!r}")
             self.special_tokens[token] = int(token_id)
-            define(int(token_id), token.encode("utf-8"), f"special token {token!r}", ordinary=False)
+            define(int(token_id), token.encode("utf-8"), f"special token {token!r}", ("special", token), ordinary=False)
         self.vocab_size = max(vocab) + 1
         self._vocab: list[bytes | None] = [vocab.get(i) for i in range(self.vocab_size)]
         self._ranks = {(a, b): rank for rank, (a, b, _) in enumerate(self.merges)}
