@@ -222,7 +222,7 @@ def compile_report(cfg: BenchConfig) -> None:
             elif p.startswith("s") and p.endswith("_d"):
                 sig[p], consts = "constexpr", dict(consts, **{p: 1})
             else:
-                sig[p] = ("*" + pointers[p]) if p in pointers else ("fp32" if p in ("qk_scale", "sm_scale", "eps") else "i32")
+                sig[p] = ("*" + pointers[p]) if p in pointers else ("fp32" if p == "eps" else "i32")
                 if sig[p].startswith("*") or p.startswith("s"):
                     attrs[(i,)] = [["tt.divisibility", 16]]
         src = ASTSource(fn=kernel, signature=sig, constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
@@ -247,8 +247,9 @@ def compile_report(cfg: BenchConfig) -> None:
             io = dict(Q=d, K=d, V=d, O=d, DO=d, DQ=d, DK=d, DV=d, LSE=acc, DELTA=acc)
             for kind, kernel in (("fwd", A._attn_fwd_kernel), ("dkdv", A._attn_bwd_dkdv_kernel), ("dq", A._attn_bwd_dq_kernel)):
                 t = A.choose_tiles(kind, dtype, block_d)
+                scales = {k: v for k, v in A._scales(hs).items() if k in kernel.arg_names}  # fwd has no SM_SCALE
                 report(f"attention {kind:<4} {d} hs={hs:<3} tiles {t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages}",
-                       kernel, io, dict(consts, BLOCK_M=t.block_m, BLOCK_N=t.block_n), t.num_warps, t.num_stages)
+                       kernel, io, dict(consts, **scales, BLOCK_M=t.block_m, BLOCK_N=t.block_n), t.num_warps, t.num_stages)
     for d, acc in (("bf16", "fp32"), ("fp32", "fp32")):
         tl_acc = tl.float32
         for n in (768, 1600, 4096, 16384):

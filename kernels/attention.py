@@ -93,8 +93,8 @@ def _key_range(pid_m, T_Q, T_K, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLO
 
 @triton.jit
 def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-               offs_m, offs_d, lo, hi, T_K, causal_offset, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               offs_m, offs_d, lo, hi, T_K, causal_offset, qk_scale: tl.constexpr, MASKED: tl.constexpr,
+               CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Fold key blocks [lo, hi) into one query block's running (acc, m_i, l_i)."""
     d_ok = offs_d < HEAD_DIM  # (BLOCK_D,) false in the padding of a head size that is not a power of 2
     for start_n in range(lo, hi, BLOCK_N):
@@ -124,9 +124,10 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE,  # Q, O (B, nh, Tq, hs); K, V (B, nh, Tk, hs); LSE (B, nh, Tq) contiguous
                      sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
-                     so_b, so_h, so_t, so_d, N_HEAD, T_Q, T_K, qk_scale,
+                     so_b, so_h, so_t, so_d, N_HEAD, T_Q, T_K,
                      CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     QK_SCALE: tl.constexpr):
     pid_m, h, b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -139,9 +140,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,  # Q, O (B, nh, Tq, hs); K, V (B, nh, Tk, 
     causal_offset = T_K - T_Q  # query i sees keys j <= i + causal_offset
     full, end = _key_range(pid_m, T_Q, T_K, CAUSAL, BLOCK_M, BLOCK_N)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, sk_t, sk_d, sv_t, sv_d, offs_m, offs_d, 0,
-                               full, T_K, causal_offset, qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+                               full, T_K, causal_offset, QK_SCALE, False, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, sk_t, sk_d, sv_t, sv_d, offs_m, offs_d, full,
-                               end, T_K, causal_offset, qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+                               end, T_K, causal_offset, QK_SCALE, True, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION)
     out = acc / l_i[:, None]
     tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :] * so_d,
              out.to(O.dtype.element_ty), mask=ok)
@@ -166,7 +167,7 @@ def _attn_bwd_delta_kernel(O, DO, DELTA,  # O, DO (B, nh, Tq, hs); DELTA (B, nh,
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, sq_t, sq_d, sdo_t, sdo_d, offs_n, offs_d,
-                lo, hi, T_Q, causal_offset, qk_scale, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                lo, hi, T_Q, causal_offset, qk_scale: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Add query blocks [lo, hi) to one key block's dK, dV accumulators (BLOCK_N, BLOCK_D)."""
     d_ok = offs_d < HEAD_DIM
@@ -196,10 +197,10 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, sq_t, sq_d, sdo_t, sd
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,  # Q, DO (B, nh, Tq, hs); K, V (B, nh, Tk, hs);
                           # LSE, DELTA (B, nh, Tq); DK, DV (B, nh, Tk, hs); the last four contiguous
                           sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
-                          sdo_b, sdo_h, sdo_t, sdo_d, N_HEAD, T_Q, T_K, qk_scale, sm_scale,
+                          sdo_b, sdo_h, sdo_t, sdo_d, N_HEAD, T_Q, T_K,
                           CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr):
+                          DOT_PRECISION: tl.constexpr, QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr):
     pid_n, h, b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -221,19 +222,19 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,  # Q, DO (B, nh, Tq, 
         lo = 0
         full = 0
     dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, sq_t, sq_d, sdo_t, sdo_d,
-                         offs_n, offs_d, lo, full, T_Q, causal_offset, qk_scale, True, HEAD_DIM, BLOCK_M,
+                         offs_n, offs_d, lo, full, T_Q, causal_offset, QK_SCALE, True, HEAD_DIM, BLOCK_M,
                          DOT_PRECISION)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, sq_t, sq_d, sdo_t, sdo_d,
-                         offs_n, offs_d, full, T_Q, T_Q, causal_offset, qk_scale, False, HEAD_DIM, BLOCK_M,
+                         offs_n, offs_d, full, T_Q, T_Q, causal_offset, QK_SCALE, False, HEAD_DIM, BLOCK_M,
                          DOT_PRECISION)
     out = (b * N_HEAD + h) * T_K * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=ok)
+    tl.store(DK + out, (dk * SM_SCALE).to(DK.dtype.element_ty), mask=ok)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, k_base, v_base, sk_t, sk_d, sv_t, sv_d, offs_m, offs_d, lo, hi, T_K,
-              causal_offset, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+              causal_offset, qk_scale: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Add key blocks [lo, hi) to one query block's dQ accumulator (BLOCK_M, BLOCK_D)."""
     d_ok = offs_d < HEAD_DIM
@@ -261,10 +262,10 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, sk_t, sk_d, sv_t, sv_d, off
 def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,  # Q, DO (B, nh, Tq, hs); K, V (B, nh, Tk, hs);
                         # LSE, DELTA (B, nh, Tq); DQ (B, nh, Tq, hs); the last three contiguous
                         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
-                        sdo_b, sdo_h, sdo_t, sdo_d, N_HEAD, T_Q, T_K, qk_scale, sm_scale,
+                        sdo_b, sdo_h, sdo_t, sdo_d, N_HEAD, T_Q, T_K,
                         CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
+                        DOT_PRECISION: tl.constexpr, QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr):
     pid_m, h, b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -279,11 +280,11 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,  # Q, DO (B, nh, Tq, hs); K
     causal_offset = T_K - T_Q
     full, end = _key_range(pid_m, T_Q, T_K, CAUSAL, BLOCK_M, BLOCK_N)  # the forward pass's key ranges
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, sk_t, sk_d, sv_t, sv_d, offs_m, offs_d, 0, full, T_K,
-                   causal_offset, qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+                   causal_offset, QK_SCALE, False, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, sk_t, sk_d, sv_t, sv_d, offs_m, offs_d, full, end, T_K,
-                   causal_offset, qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+                   causal_offset, QK_SCALE, True, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION)
     out = (b * N_HEAD + h) * T_Q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DQ + out, (dq * sm_scale).to(DQ.dtype.element_ty), mask=ok)
+    tl.store(DQ + out, (dq * SM_SCALE).to(DQ.dtype.element_ty), mask=ok)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -360,6 +361,14 @@ def _kernel_constants(q: torch.Tensor, causal: bool) -> dict:
     )
 
 
+def _scales(head_size: int) -> dict:
+    """The softmax scale 1/sqrt(hs), and that times log2(e) for exp2, as compile-time constants:
+    a Python float passed as a kernel argument arrives as fp32, which would cap fp64 attention at
+    fp32 accuracy; a constexpr is folded into the kernel at the accumulator's precision."""
+    sm_scale = 1.0 / math.sqrt(head_size)
+    return dict(QK_SCALE=sm_scale * LOG2E, SM_SCALE=sm_scale)
+
+
 def attention_forward(q, k, v, causal: bool, tiles: Tiles | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Output (B, nh, Tq, hs) in q's dtype, contiguous, and the row log-sum-exp (B, nh, Tq) in fp32
     (fp64 for fp64 inputs), natural-log units."""
@@ -369,10 +378,10 @@ def attention_forward(q, k, v, causal: bool, tiles: Tiles | None = None) -> tupl
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     o = torch.empty((B, H, t_q, hs), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, t_q), dtype=acc_dtype, device=q.device)
-    sm_scale = 1.0 / math.sqrt(hs)
     tiles = tiles or choose_tiles("fwd", q.dtype, consts["BLOCK_D"])
-    args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, t_q, t_k, sm_scale * LOG2E)
-    _launch(_attn_fwd_kernel, lambda t: (triton.cdiv(t_q, t.block_m), H, B), tiles, args, **consts)
+    args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, t_q, t_k)
+    _launch(_attn_fwd_kernel, lambda t: (triton.cdiv(t_q, t.block_m), H, B), tiles, args, **consts,
+            QK_SCALE=_scales(hs)["QK_SCALE"])
     return o, lse
 
 
@@ -382,7 +391,6 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, tiles: Tiles | None = 
     t_k = k.shape[2]
     consts = _kernel_constants(q, causal)
     block_d = consts["BLOCK_D"]
-    sm_scale = 1.0 / math.sqrt(hs)
     delta = torch.empty_like(lse)  # (B, nh, Tq)
     _attn_bwd_delta_kernel[(triton.cdiv(t_q, 64), H, B)](
         o, do, delta, *o.stride(), *do.stride(), H, t_q, HEAD_DIM=hs, BLOCK_M=64, BLOCK_D=block_d,
@@ -390,11 +398,13 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, tiles: Tiles | None = 
     dq = torch.empty((B, H, t_q, hs), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, H, t_k, hs), dtype=q.dtype, device=q.device)
     dv = torch.empty_like(dk)
-    common = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), H, t_q, t_k, sm_scale * LOG2E, sm_scale)
+    common = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), H, t_q, t_k)
     _launch(_attn_bwd_dkdv_kernel, lambda t: (triton.cdiv(t_k, t.block_n), H, B),
-            tiles or choose_tiles("dkdv", q.dtype, block_d), (q, k, v, do, lse, delta, dk, dv, *common), **consts)
+            tiles or choose_tiles("dkdv", q.dtype, block_d), (q, k, v, do, lse, delta, dk, dv, *common), **consts,
+            **_scales(hs))
     _launch(_attn_bwd_dq_kernel, lambda t: (triton.cdiv(t_q, t.block_m), H, B),
-            tiles or choose_tiles("dq", q.dtype, block_d), (q, k, v, do, lse, delta, dq, *common), **consts)
+            tiles or choose_tiles("dq", q.dtype, block_d), (q, k, v, do, lse, delta, dq, *common), **consts,
+            **_scales(hs))
     return dq, dk, dv
 
 

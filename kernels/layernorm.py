@@ -273,4 +273,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         if use_triton:
             raise ValueError(f"layer_norm (Triton) cannot run this input: {reason}")
         return layer_norm_reference(x, weight, bias, eps)
+    # the kernels read weight and bias with unit stride: a strided view (a column of a matrix, an
+    # expanded scalar) is copied first; autograd carries the gradient back through the copy
+    weight = weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
     return LayerNormFunction.apply(x, weight, bias, float(eps), max_programs)

@@ -84,6 +84,22 @@ def test_strided_input_and_gradient():
     check_against_reference(x_t, w, b, dy)
 
 
+def test_strided_weight_and_bias_views():
+    """weight and bias that are columns of matrices (stride 2) or expanded scalars (stride 0)."""
+    x, _, _, dy = make_inputs((5,), 12, torch.float32, True, seed=3)
+    table = torch.randn(12, 2, device=DEVICE, requires_grad=True)
+    scalar = torch.tensor(0.25, device=DEVICE, requires_grad=True)
+    w, b = table[:, 0], scalar.expand(12)
+    assert w.stride() == (2,) and b.stride() == (0,)
+    y = layer_norm(x, w, b, use_triton=True)
+    grads = torch.autograd.grad(y, (table, scalar), dy)
+    y_ref = F.layer_norm(x.double(), (12,), w.double(), b.double())
+    ref_grads = torch.autograd.grad(y_ref, (table, scalar), dy.double())
+    assert_close("y", y, y_ref, 1e-5, 1e-5)
+    for name, g, g_ref in zip(["dtable", "dscalar"], grads, ref_grads):
+        assert_close(name, g, g_ref, 1e-5, 1e-5)
+
+
 def test_gradcheck_float64():
     """The hand-written backward is the derivative of the kernel's own forward (finite differences)."""
     x, w, b, _ = make_inputs((2, 3), 7, torch.float64, True, seed=2)
