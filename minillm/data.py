@@ -399,7 +399,7 @@ def _check_not_empty(accounts: Accounts, config: PrepareConfig, clean: CleanConf
         raise DataError(f"all {read:,} documents were dropped: {why}")
     if totals["train", "kept"] == 0 and config.tokenizer is None:
         why = ", ".join(f"{reason} {totals['train', reason]:,}" for reason in REASONS if totals["train", reason])
-        raise DataError(f"no train documents are left to train the tokenizer on ({why or 'none were read'}); "
+        raise DataError(f"no train documents are left to train the tokenizer on ({why or 'no document landed in the train split'}); "
                         f"give the inputs a train split or pass --tokenizer")
 
 

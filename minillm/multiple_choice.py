@@ -253,12 +253,17 @@ class MultipleChoiceResult:
     per_question: list[dict] = field(default_factory=list)
 
     def line(self) -> str:
-        return (f"acc {self.acc:.4f} ± {self.acc_stderr:.4f} | acc_norm {self.acc_norm:.4f} ± {self.acc_norm_stderr:.4f} | "
+        def err(value: float) -> str:  # one question has no spread to estimate
+            return "n/a" if math.isnan(value) else f"{value:.4f}"
+
+        return (f"acc {self.acc:.4f} ± {err(self.acc_stderr)} | acc_norm {self.acc_norm:.4f} ± {err(self.acc_norm_stderr)} | "
                 f"{self.questions:,} questions | {self.tokens / max(self.seconds, 1e-9):,.0f} tok/s")
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("source", "format", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr",
-                                               "questions", "seconds", "tokens")}
+        """The summary for JSON: an undefined standard error (one question) is null, not NaN."""
+        values = {k: getattr(self, k) for k in ("source", "format", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr",
+                                                 "questions", "seconds", "tokens")}
+        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in values.items()}
 
 
 def mean_stderr(values: Sequence[float]) -> float:

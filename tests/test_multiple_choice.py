@@ -64,6 +64,8 @@ def test_acc_and_acc_norm_follow_the_harness_definitions(byte_tokenizer):
     assert [(q["pred"], q["pred_norm"]) for q in result.per_question] == [(0, 1), (0, 1)]
     assert (result.acc, result.acc_norm) == (0.5, 0.5)
     assert result.acc_stderr == pytest.approx(np.std([1, 0], ddof=1) / math.sqrt(2))
+    alone = score_questions(model, byte_tokenizer, questions[:1], progress=False)  # no spread to estimate
+    assert "acc 1.0000 ± n/a" in alone.line() and alone.to_dict()["acc_stderr"] is None
 
 
 def test_batched_scores_equal_one_direct_pass_per_choice(bpe_tokenizer):

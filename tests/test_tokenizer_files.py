@@ -229,6 +229,11 @@ def test_vocab_dump_and_open_tokenizer(tok, tmp_path):
     assert open_tokenizer(tmp_path / "t.tiktoken", pattern="gpt2").merges == tok.merges
     with pytest.raises(ValueError, match="does not store its split pattern"):
         open_tokenizer(tmp_path / "t.tiktoken")
+    for step in (9, 10):  # a training run's folder: its newest checkpoint's tokenizer (step 10 sorts last)
+        (tmp_path / "run" / f"ckpt-{step:08d}").mkdir(parents=True)
+    Tokenizer.train("other text " * 50, vocab_size=260).save(tmp_path / "run" / "ckpt-00000009" / TOKENIZER_FILE)
+    tok.save(tmp_path / "run" / "ckpt-00000010" / TOKENIZER_FILE)
+    assert open_tokenizer(tmp_path / "run") == tok
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no tokenizer here"):
         open_tokenizer(tmp_path / "empty")

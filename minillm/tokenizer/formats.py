@@ -221,6 +221,12 @@ def open_tokenizer(path, *, pattern: str | None = None) -> Tokenizer:
     """Load a tokenizer from any supported file, or a folder holding one (tokenizer.bpe, tokenizer.json,
     vocab.json + merges.txt, encoder.json + vocab.bpe); `pattern` is needed for tiktoken files."""
     path = Path(path)
+    if path.is_dir() and not (path / TOKENIZER_FILE).is_file():
+        # a training run's folder: the tokenizer saved in its newest checkpoint (ckpt-00000600/ ...;
+        # the zero-padded step numbers sort as numbers)
+        saved = sorted(path.glob(f"ckpt-*/{TOKENIZER_FILE}"))
+        if saved:
+            return load_bpe(saved[-1])
     if path.is_dir():
         for names in ((TOKENIZER_FILE,), ("tokenizer.json",), ("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
             if all((path / name).is_file() for name in names):
