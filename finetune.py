@@ -90,10 +90,11 @@ def merge(argv: list[str]) -> None:
     if out.resolve() in (ckpt.path.resolve(), ckpt.path.parent.resolve()):
         raise ValueError(f"--out {out} is the LoRA run itself: merging into it would replace its adapters and "
                          f"training state; name another folder")
-    if list_checkpoints(out) and not config.overwrite:
-        raise ValueError(f"{out} already holds checkpoints ({', '.join(p.name for p in list_checkpoints(out)[:3])}): "
+    earlier = list_checkpoints(out)
+    if earlier and not config.overwrite:
+        raise ValueError(f"{out} already holds checkpoints ({', '.join(p.name for p in earlier[:3])}): "
                          f"pass --overwrite to replace them, or another --out")
-    for old in list_checkpoints(out):
+    for old in earlier:
         shutil.rmtree(old)
     model = load_classifier(ckpt.path)[0] if CLASSIFIER_KEY in ckpt.meta else ckpt.model()  # merged on loading
     keep = {k: v for k, v in ckpt.meta.items() if k not in ("format", "version", "step", "model", LORA_KEY)}

@@ -399,12 +399,13 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, tiles: Tiles | None = 
     dk = torch.empty((B, H, t_k, hs), dtype=q.dtype, device=q.device)
     dv = torch.empty_like(dk)
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), H, t_q, t_k)
+    scales = _scales(hs)
     _launch(_attn_bwd_dkdv_kernel, lambda t: (triton.cdiv(t_k, t.block_n), H, B),
-            tiles or choose_tiles("dkdv", q.dtype, block_d), (q, k, v, do, lse, delta, dk, dv, *common), **consts,
-            **_scales(hs))
+            tiles or choose_tiles("dkdv", q.dtype, block_d), (q, k, v, do, lse, delta, dk, dv, *common),
+            **consts, **scales)
     _launch(_attn_bwd_dq_kernel, lambda t: (triton.cdiv(t_q, t.block_m), H, B),
-            tiles or choose_tiles("dq", q.dtype, block_d), (q, k, v, do, lse, delta, dq, *common), **consts,
-            **_scales(hs))
+            tiles or choose_tiles("dq", q.dtype, block_d), (q, k, v, do, lse, delta, dq, *common),
+            **consts, **scales)
     return dq, dk, dv
 
 
